@@ -1,0 +1,35 @@
+# The two commands a new user needs: `make demo` (the main job) and `make test` (the whole suite).
+# Both create .venv and install what they need; nothing is assumed pre-installed but Python 3.11.
+PYTHON ?= python3.11
+VENV ?= .venv
+# torch first and pinned: here a CPU wheel of 2.13.0 lies on disk; with a GPU, override, e.g.
+#   make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+
+# Quiet and offline by default (see README, "Settings").
+export DO_NOT_TRACK ?= true
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export DVC_NO_ANALYTICS ?= 1
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
+
+.PHONY: demo test venv clean
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: venv
+	$(PY) -m flows.demo
+
+test: venv
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .demo

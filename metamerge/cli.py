@@ -1,0 +1,84 @@
+"""``metamerge``: the command line.
+
+``merge`` is the core engine. The registry commands (``promote``, ``rollback``, ``audit``,
+``reproduce``) live in the MLflow layer and are imported only when used, so the core never
+imports MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from .errors import MergeError
+
+# subcommand -> module that provides add_arguments(parser) and run(args) -> int
+EXTERNAL = {
+    "promote": "modelregistry.cli",
+    "rollback": "modelregistry.cli",
+    "audit": "modelregistry.cli",
+    "reproduce": "modelregistry.cli",
+}
+
+
+def _merge(args) -> int:
+    from .engine import MergeOptions, merge
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    options = MergeOptions(device=args.device, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+                           max_shard_size=args.max_shard_size, progress=not args.no_progress)
+    with open(args.recipe, encoding="utf-8") as fh:
+        text = fh.read()
+    result = merge(recipe, args.out_dir, options, recipe_text=text, dry_run=args.dry_run)
+    plan = result.plan
+    if args.dry_run:
+        print(json.dumps({"ok": True, "method": recipe.merge_method, "tensors": len(plan.names),
+                          "output_bytes": plan.total_bytes, "tied": plan.aliases,
+                          "vocab_rows_shared": plan.shared_rows}, indent=2))
+        return 0
+    model = result.report.get("model", {})
+    print(f"wrote {result.out_dir} ({len(plan.names)} tensors, {plan.total_bytes / 1e6:.1f} MB)")
+    coeffs = model.get("lambdas") or model.get("coefficients_mean") or {}
+    for ref, c in coeffs.items():
+        print(f"  {ref}: {c:.6f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metamerge", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge", help="merge the models of a recipe (mergekit YAML) into OUT_DIR")
+    m.add_argument("recipe")
+    m.add_argument("out_dir")
+    m.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    m.add_argument("--dry-run", action="store_true", help="validate and plan; read no tensor, write nothing")
+    m.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (atomically)")
+    m.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt checkpoints (pickle can run code)")
+    m.add_argument("--max-shard-size", default="5GB")
+    m.add_argument("--no-progress", action="store_true")
+    m.set_defaults(func=_merge)
+    for name, module in EXTERNAL.items():
+        p = sub.add_parser(name, help=f"(registry) {name}; see README")
+        p.set_defaults(external=module, command=name)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "external", None):
+            mod = importlib.import_module(args.external)
+            return int(mod.main([args.command, *args.rest]) or 0)
+        return int(args.func(args) or 0)
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

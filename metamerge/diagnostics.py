@@ -1,0 +1,66 @@
+"""The paper's own checks, gathered while merging: norms, coefficients and cosine similarity.
+
+Per tensor: ``||tau_t||``, the coefficient each model got, and the pairwise cosine similarity of
+the task vectors. For the whole model the squared norms and dot products are summed (float64)
+over tensors, which gives the whole-model cosine matrix: MetaGPT's orthogonality assumption.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def gram(taus: list[torch.Tensor]) -> list[list[float]]:
+    """Pairwise dot products <tau_i, tau_j> (float32 products, float64 results)."""
+    flat = [t.reshape(-1) for t in taus]
+    n = len(flat)
+    g = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            g[i][j] = g[j][i] = float(torch.dot(flat[i], flat[j]))
+    return g
+
+
+def cosine_from_gram(g: list[list[float]]) -> list[list[float | None]]:
+    """Cosine similarity from a Gram matrix; None where a vector is zero."""
+    n = len(g)
+    out: list[list[float | None]] = [[None] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            d = math.sqrt(g[i][i] * g[j][j])
+            out[i][j] = (g[i][j] / d) if d > 0 else None
+    return out
+
+
+class Diagnostics:
+    """Accumulates the merge report one tensor at a time."""
+
+    def __init__(self, labels: list[str]):
+        self.labels = labels
+        self.tensors: dict[str, dict] = {}
+        n = len(labels)
+        self._model_gram = [[0.0] * n for _ in range(n)]
+
+    def add(self, name: str, taus: list[torch.Tensor] | None, coefficients: list[float] | None,
+            *, counted: bool = True) -> None:
+        """Record one tensor; ``counted=False`` for a tied alias already counted once."""
+        entry: dict = {"coefficients": coefficients}
+        if taus is not None:
+            g = gram(taus)
+            entry["norms"] = [math.sqrt(max(g[i][i], 0.0)) for i in range(len(g))]
+            entry["cosine"] = cosine_from_gram(g)
+            if counted:
+                for i, row in enumerate(g):
+                    for j, v in enumerate(row):
+                        self._model_gram[i][j] += v
+        self.tensors[name] = entry
+
+    def model_summary(self) -> dict:
+        g = self._model_gram
+        return {
+            "sqnorms": {lab: g[i][i] for i, lab in enumerate(self.labels)},
+            "norms": {lab: math.sqrt(max(g[i][i], 0.0)) for i, lab in enumerate(self.labels)},
+            "cosine": cosine_from_gram(g),
+        }

@@ -1,0 +1,291 @@
+"""The merge: one plain loop over tensor names, streaming from the inputs to output shards.
+
+Memory holds the base and one tensor per fine-tune at a time, never a model. Order of work:
+resolve and pin every input, check headers and plan the output (no tensor read yet), run the norm
+pass if the method needs whole-model norms, then merge tensor by tensor into a temporary directory
+that is renamed into place only when everything, report and provenance included, is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .atomic import atomic_directory
+from .checks import Plan, plan_merge
+from .diagnostics import Diagnostics
+from .errors import MergeError
+from .io import ModelReader, ShardedWriter, parse_size
+from .loading import DTYPES, load_compute
+from .methods import TensorJob, get_method
+from .methods.base import MergeMethod
+from .methods.metagpt import metagpt_lambdas
+from .modelcard import render_model_card
+from .norms import task_vector_sqnorms
+from .recipe import Recipe
+from .refs import ResolvedModel, resolve, sha256_file
+
+TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "added_tokens.json",
+                   "chat_template*")
+REPORT = "merge_report.json"
+PROVENANCE = "provenance.json"
+RECIPE_FILE = "merge_recipe.yaml"
+
+
+@dataclass
+class MergeOptions:
+    device: str = "auto"
+    overwrite: bool = False
+    allow_pickle: bool = False
+    max_shard_size: str | int = "5GB"
+    progress: bool = True
+    hash_inputs: bool = True
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path | None
+    plan: Plan
+    report: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MergeError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise MergeError(f"unknown device '{name}': use cpu, cuda or auto")
+    return torch.device(name)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False,
+                disable=not (enabled and sys.stderr.isatty()))
+
+
+@dataclass
+class Inputs:
+    """Every input pinned and opened: the base (if the method uses one) and the merged models."""
+
+    method: MergeMethod
+    base: ResolvedModel | None
+    models: list[ResolvedModel]
+    tokenizer: ResolvedModel
+    readers: list[ModelReader]
+    base_reader: ModelReader | None
+    plan: Plan
+    cast_dtype: torch.dtype | None
+
+    @property
+    def reference(self) -> ModelReader:
+        return self.base_reader or self.readers[0]
+
+
+def open_inputs(recipe: Recipe, options: MergeOptions,
+                resolved: dict[str, ResolvedModel] | None = None) -> Inputs:
+    """Resolve references (or take them pinned by the caller), open readers, plan the output."""
+    resolved = dict(resolved or {})
+
+    def pin(ref: str) -> ResolvedModel:
+        if ref not in resolved:
+            resolved[ref] = resolve(ref, hash_files=options.hash_inputs)
+        return resolved[ref]
+
+    method_cls = get_method(recipe.merge_method)
+    base = pin(recipe.base_model) if method_cls.needs_base else None
+    entries = recipe.fine_tunes() if method_cls.needs_base else recipe.models
+    models = [pin(e.model) for e in entries]
+    base_reader = ModelReader(base.path, f"base '{base.ref}'", allow_pickle=options.allow_pickle) if base else None
+    readers = [ModelReader(m.path, f"model '{m.ref}'", allow_pickle=options.allow_pickle) for m in models]
+    ref_reader = base_reader or readers[0]
+    method = method_cls(recipe, num_layers=_num_layers(ref_reader.config()))
+    cast = DTYPES[recipe.dtype] if recipe.dtype else None
+    out = DTYPES[recipe.out_dtype] if recipe.out_dtype else None
+    plan = plan_merge(ref_reader, readers if base_reader else readers[1:],
+                      vocab_policy=recipe.vocab_policy, out_dtype=out, cast_dtype=cast)
+    if not base_reader and plan.extend_from is not None:
+        plan.extend_from += 1
+    tok_ref = recipe.tokenizer_source or "base"
+    if tok_ref == "union":
+        raise MergeError("tokenizer_source: union is not supported; use base or one model's reference")
+    if tok_ref == "base":
+        tokenizer = base or models[0]
+    else:
+        tokenizer = pin(tok_ref)
+    if plan.extend_from is not None and tokenizer is not models[plan.extend_from]:
+        raise MergeError(f"vocab_policy: extend takes the extra rows from '{models[plan.extend_from].ref}'; "
+                         "set tokenizer_source to that model so the tokenizer matches")
+    return Inputs(method, base, models, tokenizer, readers, base_reader, plan, cast)
+
+
+def _num_layers(config: dict) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def compute_sqnorms(inputs: Inputs, index: int, device: torch.device, progress: bool = True) -> dict[str, float]:
+    """Norm pass for fine-tune ``index``: squared norms of its (sparsified) task vector per tensor."""
+    names = [n for n in inputs.plan.names if n not in inputs.plan.aliases]
+    total = sum(inputs.base_reader.tensors[n].nbytes for n in names)
+    with _bar(total, f"norms {inputs.models[index].ref}", progress) as bar:
+        return task_vector_sqnorms(inputs.method, index, inputs.base_reader, inputs.readers[index], names,
+                                   device=device, cast_dtype=inputs.cast_dtype,
+                                   shared_rows=inputs.plan.shared_rows, progress=bar.update)
+
+
+def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | None = None, *,
+          sqnorms: dict[str, dict[str, float]] | None = None,
+          resolved: dict[str, ResolvedModel] | None = None,
+          recipe_text: str | None = None, dry_run: bool = False,
+          log: Callable[[str], None] | None = None) -> MergeResult:
+    """Merge the models of ``recipe`` into ``out_dir`` (atomically).
+
+    ``sqnorms`` (fine-tune reference -> tensor -> ||tau||^2) and ``resolved`` (reference -> pinned
+    model) let the pipeline pass in what it has cached; anything missing is computed here.
+    """
+    options = options or MergeOptions()
+    device = resolve_device(options.device)
+    inputs = open_inputs(recipe, options, resolved)
+    plan = inputs.plan
+    if out_dir is not None and Path(out_dir).exists() and not options.overwrite:
+        raise MergeError(f"{Path(out_dir).absolute()} already exists; choose another output directory or pass --overwrite")
+    if dry_run or out_dir is None:
+        return MergeResult(None, plan)
+
+    method = inputs.method
+    labels = [m.ref for m in inputs.models]
+    model_sq = None
+    if method.needs_model_sqnorms():
+        sqnorms = dict(sqnorms or {})
+        for i, e in enumerate(method.entries):
+            if e.model not in sqnorms:
+                sqnorms[e.model] = compute_sqnorms(inputs, i, device, options.progress)
+        model_sq = [float(sum(sqnorms[e.model][n] for n in plan.names if n not in plan.aliases))
+                    for e in method.entries]
+
+    diag = Diagnostics(labels)
+    with atomic_directory(out_dir, overwrite=options.overwrite) as tmp:
+        writer = ShardedWriter(tmp, [(n, plan.out_shapes[n], plan.out_dtypes[n]) for n in plan.names],
+                               parse_size(options.max_shard_size))
+        try:
+            _merge_tensors(inputs, method, writer, diag, device, model_sq, options.progress)
+        except BaseException:
+            writer.abort()
+            raise
+        shard_hashes = writer.close()
+        report = _report(recipe, inputs, diag, model_sq)
+        _write_side_files(tmp, recipe, inputs, report, recipe_text)
+        provenance = _provenance(tmp, recipe, inputs, shard_hashes, device)
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    if log:
+        log(f"merged {len(labels)} model(s) with {recipe.merge_method} into {out_dir}")
+    return MergeResult(Path(out_dir), plan, report, provenance)
+
+
+def _merge_tensors(inputs: Inputs, method: MergeMethod, writer: ShardedWriter, diag: Diagnostics,
+                   device: torch.device, model_sq: list[float] | None, progress: bool) -> None:
+    plan = inputs.plan
+    written: dict[str, torch.Tensor] = {}
+    targets = set(plan.aliases.values())
+    with _bar(plan.total_bytes, "merge", progress) as bar:
+        for name in plan.names:
+            if name in plan.aliases:  # tied to a tensor merged just before it: stays tied
+                writer.write(name, written.pop(plan.aliases[name]))
+                diag.tensors[name] = {**diag.tensors[plan.aliases[name]], "tied_to": plan.aliases[name]}
+                continue
+            rows = plan.shared_rows.get(name)
+            tensors = [load_compute(r, name, device, inputs.cast_dtype, rows) for r in inputs.readers]
+            globals_, per = method.resolve(name)
+            base = taus = deltas = None
+            if inputs.base_reader is not None:
+                base = load_compute(inputs.base_reader, name, device, inputs.cast_dtype, rows)
+                taus = [x.sub_(base) for x in tensors]  # in place: the raw weights are not needed again
+                deltas = [method.sparsify(name, e.model, tau, per[i], globals_)
+                          for i, (e, tau) in enumerate(zip(method.entries, taus))]
+            job = TensorJob(name, base, [] if taus is not None else tensors, deltas, per, globals_, model_sq)
+            out = method.merge(job)
+            merged = out.tensor
+            if plan.extend_from is not None and plan.out_shapes[name][0] > merged.shape[0]:
+                extra = inputs.readers[plan.extend_from].get(name)[merged.shape[0]:]
+                merged = torch.cat([merged, extra.to(device=device, dtype=merged.dtype)])
+            result = merged.to(plan.out_dtypes[name])
+            writer.write(name, result)
+            if name in targets:
+                written[name] = result
+            diag.add(name, taus, out.coefficients)
+            bar.update(result.numel() * result.element_size())
+
+
+def _report(recipe: Recipe, inputs: Inputs, diag: Diagnostics, model_sq: list[float] | None) -> dict:
+    labels = diag.labels
+    model = diag.model_summary() if inputs.base_reader is not None else {}
+    if model_sq is not None:
+        model["lambdas"] = dict(zip(labels, metagpt_lambdas(model_sq)))
+    else:
+        coeffs = [t["coefficients"] for t in diag.tensors.values() if t.get("coefficients")]
+        if coeffs:
+            model["coefficients_mean"] = {lab: sum(c[i] for c in coeffs) / len(coeffs) for i, lab in enumerate(labels)}
+    return {
+        "format": 1,
+        "method": recipe.merge_method,
+        "parameters": recipe.parameters,
+        "granularity": (recipe.parameters.get("granularity", "model") if recipe.merge_method == "metagpt" else None),
+        "base": inputs.base.ref if inputs.base else None,
+        "models": labels,
+        "dtype": recipe.dtype, "out_dtype": recipe.out_dtype,
+        "model": model,
+        "tensors": diag.tensors,
+    }
+
+
+def _write_side_files(tmp: Path, recipe: Recipe, inputs: Inputs, report: dict, recipe_text: str | None) -> None:
+    ref = inputs.base or inputs.models[0]
+    config = inputs.reference.config()
+    if config:
+        if recipe.out_dtype or recipe.dtype:
+            config["dtype"] = recipe.out_dtype or recipe.dtype
+            config.pop("torch_dtype", None)
+        if inputs.plan.vocab_size:
+            config["vocab_size"] = inputs.plan.vocab_size
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    gen = ref.path / "generation_config.json"
+    if gen.exists():
+        shutil.copyfile(gen, tmp / gen.name)
+    for pattern in TOKENIZER_GLOBS:
+        for f in sorted(inputs.tokenizer.path.glob(pattern)):
+            if f.is_file():
+                shutil.copyfile(f, tmp / f.name)
+    (tmp / RECIPE_FILE).write_text(recipe_text if recipe_text is not None else recipe.to_yaml())
+    (tmp / REPORT).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    (tmp / "README.md").write_text(render_model_card(recipe, report, inputs))
+
+
+def _provenance(tmp: Path, recipe: Recipe, inputs: Inputs, shard_hashes: dict[str, str], device) -> dict:
+    outputs = dict(shard_hashes)
+    for f in sorted(tmp.iterdir()):
+        if f.is_file() and f.name not in outputs and f.name != PROVENANCE:
+            outputs[f.name] = sha256_file(f)
+    roles = ([("base", inputs.base)] if inputs.base else []) + [("model", m) for m in inputs.models]
+    import safetensors
+    return {
+        "recipe": recipe.model_dump(exclude_none=True),
+        "recipe_sha256": recipe.sha256(),
+        "inputs": [{"role": role, **m.to_dict()} for role, m in roles],
+        "tokenizer_source": inputs.tokenizer.ref,
+        "outputs": dict(sorted(outputs.items())),
+        "versions": {"metamerge": __version__, "torch": torch.__version__.split("+")[0],
+                     "safetensors": safetensors.__version__},
+        "device": device.type,
+    }

@@ -1,0 +1,161 @@
+"""Lazy access to a model's tensors, one at a time, from single-file or sharded safetensors.
+
+Only the headers are read up front (names, shapes, dtypes), so the whole input can be checked
+before the first tensor is loaded. Pickle checkpoints (``.bin``/``.pt``) can run code when loaded
+and are refused unless the caller opts in.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import MergeError
+
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.tensor([], dtype=self.dtype).element_size()
+
+
+def _read_header(path: Path, label: str) -> dict:
+    """Parse a safetensors header and check that every tensor's bytes are inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than a header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise ValueError("header length past the end of the file")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise MergeError(f"{label}: {path.name} is not a valid safetensors file ({exc}); "
+                         "re-download or re-save the model") from None
+    data_len = size - 8 - n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        end = meta.get("data_offsets", [0, 0])[1]
+        if end > data_len:
+            raise MergeError(f"{label}: {path.name} is truncated (tensor '{name}' ends past the end "
+                             "of the file); re-download or re-save the model")
+        if meta.get("dtype") not in ST_DTYPES:
+            raise MergeError(f"{label}: {path.name}: tensor '{name}' has unsupported dtype {meta.get('dtype')}")
+    return header
+
+
+class ModelReader:
+    """Names, shapes and lazily loaded tensors of one model directory."""
+
+    def __init__(self, path: str | Path, label: str | None = None, *, allow_pickle: bool = False):
+        self.path = Path(path)
+        self.label = label or str(path)
+        self.allow_pickle = allow_pickle
+        self.tensors: dict[str, TensorInfo] = {}
+        self._handles: dict[str, object] = {}
+        self._pickled: dict[str, dict] = {}
+        self._index()
+
+    # -- discovery -------------------------------------------------------------------------
+    def _index(self) -> None:
+        index = self.path / "model.safetensors.index.json"
+        files = sorted(self.path.glob("*.safetensors"))
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise MergeError(f"{self.label}: {index.name} is not a valid index ({exc})") from None
+            shard_names = sorted(set(weight_map.values()))
+            missing = [s for s in shard_names if not (self.path / s).exists()]
+            if missing:
+                raise MergeError(f"{self.label}: shard {missing[0]} named in {index.name} is missing; "
+                                 "re-download the model")
+            files = [self.path / s for s in shard_names]
+        if not files:
+            self._index_pickle()
+            return
+        for f in files:
+            for name, meta in _read_header(f, self.label).items():
+                if name == "__metadata__":
+                    continue
+                self.tensors[name] = TensorInfo(name, tuple(meta["shape"]), ST_DTYPES[meta["dtype"]], f.name)
+
+    def _index_pickle(self) -> None:
+        pickles = sorted(p for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if not pickles:
+            raise MergeError(f"{self.label}: no *.safetensors weights in {self.path}")
+        if not self.allow_pickle:
+            raise MergeError(f"{self.label}: only pickle weights ({pickles[0].name}) found; pickle can run "
+                             "code when loaded: convert to safetensors, or pass --allow-pickle if you trust it")
+        for p in pickles:
+            try:
+                state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # noqa: BLE001 - any failure is a bad file for the user
+                raise MergeError(f"{self.label}: cannot load {p.name} ({type(exc).__name__}: {exc})") from None
+            self._pickled[p.name] = state
+            for name, t in state.items():
+                self.tensors[name] = TensorInfo(name, tuple(t.shape), t.dtype, p.name)
+
+    # -- access ----------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (memory-mapped, in its stored dtype)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise MergeError(f"{self.label}: tensor '{name}' is missing")
+        if info.file in self._pickled:
+            return self._pickled[info.file][name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            try:
+                handle = safe_open(str(self.path / info.file), framework="pt", device="cpu")
+            except Exception as exc:  # noqa: BLE001
+                raise MergeError(f"{self.label}: cannot open {info.file} ({exc}); re-download or re-save it") from None
+            self._handles[info.file] = handle
+        try:
+            return handle.get_tensor(name)
+        except Exception as exc:  # noqa: BLE001
+            raise MergeError(f"{self.label}: {info.file}: cannot read tensor '{name}' ({exc})") from None
+
+    def config(self) -> dict:
+        cfg = self.path / "config.json"
+        if not cfg.exists():
+            return {}
+        try:
+            return json.loads(cfg.read_text())
+        except ValueError as exc:
+            raise MergeError(f"{self.label}: config.json is not valid JSON ({exc})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickled.clear()

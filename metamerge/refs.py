@@ -1,0 +1,126 @@
+"""Model references: a local directory, or a hub id with an optional ``@revision``.
+
+Resolving a reference pins it: a hub model to the commit hash of the snapshot that was used, a
+local directory to a content hash of its files. The pinned revision is what cache keys and the
+audit trail record, never a path or a timestamp.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MergeError
+
+# Files a merge needs from a model repository; nothing else is downloaded.
+ALLOW_PATTERNS = [
+    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+    "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "added_tokens.json",
+    "chat_template*",
+]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+HASH_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed reference: ``name`` (a path or hub id) and an optional ``revision``."""
+
+    name: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelRef":
+        name, _, rev = text.partition("@")
+        return cls(name=name, revision=rev or None)
+
+    def is_local(self) -> bool:
+        return (
+            os.path.isabs(self.name) or self.name.startswith((".", "~"))
+            or Path(self.name).expanduser().exists() or not _HUB_ID.match(self.name)
+        )
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.revision}" if self.revision else self.name
+
+
+@dataclass
+class ResolvedModel:
+    """A reference pinned to files on disk."""
+
+    ref: str
+    path: Path
+    revision: str
+    source: str  # "local" or "hub"
+    files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256 (when hashed)
+
+    def to_dict(self) -> dict:
+        return {"ref": self.ref, "path": str(self.path), "revision": self.revision,
+                "source": self.source, "files": dict(sorted(self.files.items()))}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_files(path: Path) -> list[Path]:
+    """The files of a model directory that define it (weights, configs, tokenizer), sorted."""
+    out = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return sorted(out, key=lambda p: p.name)
+
+
+def hash_model_dir(path: Path) -> tuple[str, dict[str, str]]:
+    """Content hash of a directory: sha256 over the sorted (name, sha256) of its files."""
+    files = {p.name: sha256_file(p) for p in model_files(path)}
+    digest = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in sorted(files.items())).encode()).hexdigest()
+    return digest, files
+
+
+def resolve(text: str, *, hash_files: bool = True, token: str | None = None) -> ResolvedModel:
+    """Pin a reference to local files, downloading from the hub when it is not a local path.
+
+    ``token`` defaults to ``HF_TOKEN`` from the environment and is never logged.
+    """
+    ref = ModelRef.parse(text)
+    if ref.is_local():
+        path = Path(ref.name).expanduser().absolute()
+        if not path.is_dir():
+            raise MergeError(f"model '{text}': no such directory {path}; check the path in the recipe")
+        digest, files = hash_model_dir(path) if hash_files else ("unhashed", {})
+        if ref.revision and hash_files and not digest.startswith(ref.revision):
+            raise MergeError(
+                f"model '{text}': local content hash is {digest[:12]}, not '{ref.revision}'; "
+                "the folder changed since the recipe was pinned")
+        return ResolvedModel(ref=text, path=path, revision=digest, source="local", files=files)
+    return _resolve_hub(ref, text, hash_files=hash_files, token=token)
+
+
+def _resolve_hub(ref: ModelRef, text: str, *, hash_files: bool, token: str | None) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    try:
+        local = snapshot_download(ref.name, revision=ref.revision, allow_patterns=ALLOW_PATTERNS,
+                                  token=token or os.environ.get("HF_TOKEN"))
+    except RevisionNotFoundError:
+        raise MergeError(f"model '{text}': revision '{ref.revision}' does not exist; "
+                         "use a branch, tag or commit hash of that repository") from None
+    except GatedRepoError:
+        raise MergeError(f"model '{text}': gated repository; accept its licence and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise MergeError(f"model '{text}': no such repository on the hub (or it is private: set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        raise MergeError(f"model '{text}': not in the local cache and the hub is unreachable "
+                         "(HF_HUB_OFFLINE is set or no network); download it first or use a local path") from None
+    path = Path(local)
+    commit = path.name  # snapshots/<commit hash>
+    files = {p.name: sha256_file(p) for p in model_files(path)} if hash_files else {}
+    return ResolvedModel(ref=text, path=path, revision=commit, source="hub", files=files)
