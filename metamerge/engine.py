@@ -135,12 +135,15 @@ def _num_layers(config: dict) -> int | None:
     return None
 
 
-def compute_sqnorms(inputs: Inputs, index: int, device: torch.device, progress: bool = True) -> dict[str, float]:
-    """Norm pass for fine-tune ``index``: squared norms of its (sparsified) task vector per tensor."""
+def compute_sqnorms(inputs: Inputs, indices: list[int], device: torch.device,
+                    progress: bool = True) -> list[dict[str, float]]:
+    """Norm pass for the fine-tunes ``indices``: squared norms of each (sparsified) task vector
+    per tensor, one dict per fine-tune (the unit the pipeline caches)."""
     names = [n for n in inputs.plan.names if n not in inputs.plan.aliases]
-    total = sum(inputs.base_reader.tensors[n].nbytes for n in names)
-    with _bar(total, f"norms {inputs.models[index].ref}", progress) as bar:
-        return task_vector_sqnorms(inputs.method, index, inputs.base_reader, inputs.readers[index], names,
+    total = sum(inputs.base_reader.tensors[n].nbytes for n in names) * (1 + len(indices))
+    with _bar(total, "norms", progress) as bar:
+        return task_vector_sqnorms(inputs.method, indices, inputs.base_reader,
+                                   [inputs.readers[i] for i in indices], names,
                                    device=device, cast_dtype=inputs.cast_dtype,
                                    shared_rows=inputs.plan.shared_rows, progress=bar.update)
 
@@ -169,9 +172,10 @@ def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | No
     model_sq = None
     if method.needs_model_sqnorms():
         sqnorms = dict(sqnorms or {})
-        for i, e in enumerate(method.entries):
-            if e.model not in sqnorms:
-                sqnorms[e.model] = compute_sqnorms(inputs, i, device, options.progress)
+        missing = [i for i, e in enumerate(method.entries) if e.model not in sqnorms]
+        if missing:
+            for i, sq in zip(missing, compute_sqnorms(inputs, missing, device, options.progress)):
+                sqnorms[method.entries[i].model] = sq
         model_sq = [float(sum(sqnorms[e.model][n] for n in plan.names if n not in plan.aliases))
                     for e in method.entries]
 

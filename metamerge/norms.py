@@ -1,8 +1,9 @@
-"""The norm pass: squared norms of one fine-tune's task vector, tensor by tensor.
+"""The norm pass: squared norms of fine-tunes' task vectors, tensor by tensor.
 
 MetaGPT's whole-model coefficients need ``||tau_t||^2`` summed over every tensor before the first
-merged tensor can be written. This pass reads one fine-tune and the base, so its result can be
-cached per (base, fine-tune) and a newly landed fine-tune costs one pass, not one per model.
+merged tensor can be written. The pass is per fine-tune in its result (so it can be cached per
+(base, fine-tune) and a newly landed fine-tune costs one pass), but reads the base once for all
+the fine-tunes it is asked about.
 """
 
 from __future__ import annotations
@@ -15,20 +16,24 @@ from .methods.base import MergeMethod
 from .methods.metagpt import squared_norm
 
 
-def task_vector_sqnorms(method: MergeMethod, index: int, base: ModelReader, model: ModelReader,
+def task_vector_sqnorms(method: MergeMethod, indices: list[int], base: ModelReader, models: list[ModelReader],
                         names: list[str], *, device: torch.device, cast_dtype=None,
-                        shared_rows: dict[str, int] | None = None, progress=None) -> dict[str, float]:
-    """``||sparsify(theta_t - theta_0)||^2`` per tensor for model ``index`` of ``method``."""
-    entry = method.entries[index]
+                        shared_rows: dict[str, int] | None = None, progress=None) -> list[dict[str, float]]:
+    """``||sparsify(theta_t - theta_0)||^2`` per tensor for the models ``indices`` of ``method``.
+
+    ``models`` are the readers of those fine-tunes, in the same order as ``indices``.
+    """
     shared_rows = shared_rows or {}
-    out: dict[str, float] = {}
+    out: list[dict[str, float]] = [{} for _ in indices]
     for name in names:
-        b = load_compute(base, name, device, cast_dtype, rows=shared_rows.get(name))
-        x = load_compute(model, name, device, cast_dtype, rows=shared_rows.get(name))
-        tau = x.sub_(b)
-        del b
+        rows = shared_rows.get(name)
+        b = load_compute(base, name, device, cast_dtype, rows=rows)
         globals_, per = method.resolve(name)
-        out[name] = squared_norm(method.sparsify(name, entry.model, tau, per[index], globals_))
+        for k, (index, reader) in enumerate(zip(indices, models)):
+            tau = load_compute(reader, name, device, cast_dtype, rows=rows).sub_(b)
+            entry = method.entries[index]
+            out[k][name] = squared_norm(method.sparsify(name, entry.model, tau, per[index], globals_))
+            del tau
         if progress is not None:
-            progress(base.tensors[name].nbytes)
+            progress(base.tensors[name].nbytes * (1 + len(indices)))
     return out

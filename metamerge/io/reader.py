@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..errors import MergeError
 
@@ -31,6 +30,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str
+    offset: int = 0  # absolute byte offset of the data in the file (safetensors only)
 
     @property
     def numel(self) -> int:
@@ -44,8 +44,9 @@ class TensorInfo:
         return self.numel * torch.tensor([], dtype=self.dtype).element_size()
 
 
-def _read_header(path: Path, label: str) -> dict:
-    """Parse a safetensors header and check that every tensor's bytes are inside the file."""
+def _read_header(path: Path, label: str) -> tuple[dict, int]:
+    """Parse a safetensors header, check every tensor's bytes are inside the file; return it and
+    the offset where tensor data starts."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -69,7 +70,7 @@ def _read_header(path: Path, label: str) -> dict:
                              "of the file); re-download or re-save the model")
         if meta.get("dtype") not in ST_DTYPES:
             raise MergeError(f"{label}: {path.name}: tensor '{name}' has unsupported dtype {meta.get('dtype')}")
-    return header
+    return header, 8 + n
 
 
 class ModelReader:
@@ -103,10 +104,12 @@ class ModelReader:
             self._index_pickle()
             return
         for f in files:
-            for name, meta in _read_header(f, self.label).items():
+            header, data_start = _read_header(f, self.label)
+            for name, meta in header.items():
                 if name == "__metadata__":
                     continue
-                self.tensors[name] = TensorInfo(name, tuple(meta["shape"]), ST_DTYPES[meta["dtype"]], f.name)
+                self.tensors[name] = TensorInfo(name, tuple(meta["shape"]), ST_DTYPES[meta["dtype"]], f.name,
+                                                data_start + meta["data_offsets"][0])
 
     def _index_pickle(self) -> None:
         pickles = sorted(p for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -129,23 +132,32 @@ class ModelReader:
         return list(self.tensors)
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (memory-mapped, in its stored dtype)."""
+        """Load one tensor in its stored dtype, into fresh memory.
+
+        Plain positioned reads rather than memory maps: pages of a map stay resident (and count
+        as this process's memory) until the file is closed, which over a whole model is the
+        model's size; a read buffer is freed with the tensor.
+        """
         info = self.tensors.get(name)
         if info is None:
             raise MergeError(f"{self.label}: tensor '{name}' is missing")
         if info.file in self._pickled:
             return self._pickled[info.file][name]
-        handle = self._handles.get(info.file)
-        if handle is None:
+        fh = self._handles.get(info.file)
+        if fh is None:
             try:
-                handle = safe_open(str(self.path / info.file), framework="pt", device="cpu")
-            except Exception as exc:  # noqa: BLE001
-                raise MergeError(f"{self.label}: cannot open {info.file} ({exc}); re-download or re-save it") from None
-            self._handles[info.file] = handle
-        try:
-            return handle.get_tensor(name)
-        except Exception as exc:  # noqa: BLE001
-            raise MergeError(f"{self.label}: {info.file}: cannot read tensor '{name}' ({exc})") from None
+                fh = open(self.path / info.file, "rb", buffering=0)
+            except OSError as exc:
+                raise MergeError(f"{self.label}: cannot open {info.file} ({exc.strerror}); re-download it") from None
+            self._handles[info.file] = fh
+        buf = bytearray(info.nbytes)
+        fh.seek(info.offset)
+        got = fh.readinto(buf)
+        if got != info.nbytes:
+            raise MergeError(f"{self.label}: {info.file}: tensor '{name}' is truncated; re-download or re-save it")
+        if not buf:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
     def config(self) -> dict:
         cfg = self.path / "config.json"
@@ -157,5 +169,7 @@ class ModelReader:
             raise MergeError(f"{self.label}: config.json is not valid JSON ({exc})") from None
 
     def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
         self._handles.clear()
         self._pickled.clear()
