@@ -28,8 +28,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: venv
 	$(PY) -m flows.demo
 
-test: venv
+# The parity tests run the real mergekit, from its own venv so its pins never touch ours.
+MERGEKIT_VENV ?= .venv-mergekit
+$(MERGEKIT_VENV)/.ready: bench/mergekit_runner.py
+	$(PYTHON) bench/mergekit_runner.py ensure $(MERGEKIT_VENV) --lean
+	touch $@
+
+test: venv $(MERGEKIT_VENV)/.ready
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) .demo
+	rm -rf $(VENV) $(MERGEKIT_VENV) .demo

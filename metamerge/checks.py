@@ -52,7 +52,7 @@ def _tied(config: dict) -> bool:
 def plan_merge(ref: ModelReader, others: list[ModelReader], *, vocab_policy: str,
                out_dtype: torch.dtype | None, cast_dtype: torch.dtype | None) -> Plan:
     """Compare headers, decide the output layout, and fail early with a one-line error."""
-    names = ref.names()
+    names = sorted(ref.names())  # mergekit's order: it fixes the DARE random stream
     ref_set = set(names)
     plan = Plan(names=names, out_shapes={}, out_dtypes={})
     for other in others:

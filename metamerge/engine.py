@@ -103,8 +103,7 @@ def open_inputs(recipe: Recipe, options: MergeOptions,
 
     method_cls = get_method(recipe.merge_method)
     base = pin(recipe.base_model) if method_cls.needs_base else None
-    entries = recipe.fine_tunes() if method_cls.needs_base else recipe.models
-    models = [pin(e.model) for e in entries]
+    models = [pin(e.model) for e in method_cls.input_entries(recipe)]
     base_reader = ModelReader(base.path, f"base '{base.ref}'", allow_pickle=options.allow_pickle) if base else None
     readers = [ModelReader(m.path, f"model '{m.ref}'", allow_pickle=options.allow_pickle) for m in models]
     ref_reader = base_reader or readers[0]

@@ -1,9 +1,11 @@
 """Sparsification of task vectors (TIES trimming, DARE dropping) and TIES sign election.
 
-Pure functions over tensors. The operation order follows mergekit's so that recipes give the same
-tensors in both tools. DARE's mask is drawn on the CPU from a generator seeded by (seed, model,
-tensor): the same recipe and seed give the same mask on any device, in any order, which also lets
-a fine-tune's norms be cached on their own.
+Pure functions over tensors. The operation order follows mergekit 0.1.5's so that recipes give
+the same tensors in both tools: top-k keeps ``max(1, int(density * n))`` entries, and the
+optional rescale keeps the L1 norm of the task vector (mergekit's ``rescale``), which is not the
+paper's ``1/density``. DARE masks are always drawn on the CPU so that a seed gives the same mask
+on any device; who owns the generator (one stream for the whole merge, as in mergekit, or one per
+(model, tensor), for MetaGPT's cacheable norms) is the caller's choice.
 """
 
 from __future__ import annotations
@@ -13,18 +15,27 @@ import hashlib
 import torch
 
 
-def magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
+def rescale_l1(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Scale the kept entries so the L1 norm of the task vector is unchanged (mergekit's rescale)."""
+    before, after = tau.abs().sum(), kept.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * (before / after)
+
+
+def magnitude(tau: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest magnitude (TIES's trim)."""
     if density >= 1:
         return tau
-    k = int(density * tau.numel())
-    if k <= 0:
+    if density <= 0 or tau.numel() == 0:
         return torch.zeros_like(tau)
+    k = max(1, int(density * tau.numel()))
     w = tau.abs().reshape(-1).float()
     top = torch.argsort(w, descending=True)[:k]
     mask = torch.zeros_like(tau)
     mask.view(-1)[top] = 1
-    return tau * mask
+    kept = tau * mask
+    return rescale_l1(tau, kept) if rescale else kept
 
 
 def seed_for(seed: int, model_key: str, tensor_name: str) -> int:
@@ -33,16 +44,23 @@ def seed_for(seed: int, model_key: str, tensor_name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def dare(tau: torch.Tensor, density: float, *, seed: int, rescale: bool = True) -> torch.Tensor:
-    """Drop entries with probability ``1 - density``; rescale the rest by ``1/density``."""
+def dare(tau: torch.Tensor, density: float, generator: torch.Generator, *,
+         rescale: str | None = "inverse") -> torch.Tensor:
+    """Drop each entry with probability ``1 - density``, then rescale the survivors.
+
+    ``rescale``: ``"inverse"`` multiplies by ``1/density`` (the DARE paper, used with MetaGPT),
+    ``"l1"`` keeps the L1 norm (mergekit's dare_linear / dare_ties), None keeps them as they are.
+    No random number is drawn when ``density >= 1``, as in mergekit.
+    """
     if density >= 1:
         return tau
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    keep = torch.bernoulli(torch.full(tau.shape, density, dtype=torch.float32), generator=gen)
-    out = tau * keep.to(device=tau.device, dtype=tau.dtype)
-    if rescale:
-        out /= density
-    return out
+    keep = torch.bernoulli(torch.full(tau.shape, density, dtype=torch.float32), generator=generator)
+    kept = tau * keep.to(device=tau.device, dtype=tau.dtype)
+    if rescale == "l1":
+        return rescale_l1(tau, kept)
+    if rescale == "inverse":
+        kept /= density
+    return kept
 
 
 def sign_consensus(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:

@@ -62,13 +62,13 @@ class Param:
 def layer_fraction(tensor_name: str, num_layers: int | None) -> float:
     """Where a tensor sits in the depth of the model, 0..1, for mergekit's gradient parameters.
 
-    Layer i of N maps to i/(N-1); tensors outside the layer stack (embeddings, final norm,
-    lm_head) map to 0, as in mergekit's plan for whole-model recipes.
+    Layer i of N maps to i/(N-1) (1 for a single layer); tensors outside the layer stack
+    (embeddings, final norm, lm_head) map to 0, as in mergekit's plan for whole-model recipes.
     """
     m = _LAYER.search(tensor_name)
-    if not m or not num_layers or num_layers < 2:
+    if not m or not num_layers:
         return 0.0
-    return int(m.group(1)) / (num_layers - 1)
+    return 1.0 if num_layers < 2 else int(m.group(1)) / (num_layers - 1)
 
 
 def evaluate_setting(value: Any, tensor_name: str, t: float) -> Any:
@@ -140,8 +140,19 @@ class MergeMethod:
     def __init__(self, recipe, num_layers: int | None = None):
         self.recipe = recipe
         self.num_layers = num_layers
-        self.entries = recipe.fine_tunes() if self.needs_base else list(recipe.models)
+        self.entries = self.input_entries(recipe)
         self._by_name = {p.name: p for p in self.params}
+
+    @classmethod
+    def input_entries(cls, recipe) -> list:
+        """The models merged, in order: the fine-tunes for task-vector methods; for the others
+        every listed model plus an unlisted ``base_model`` (mergekit appends it too)."""
+        if cls.needs_base:
+            return recipe.fine_tunes()
+        entries = list(recipe.models)
+        if recipe.base_model and all(m.model != recipe.base_model for m in entries):
+            entries.append(type(entries[0])(model=recipe.base_model) if entries else None)
+        return [e for e in entries if e is not None]
 
     # -- validation (before any tensor is read) -------------------------------------------------
     @classmethod
@@ -160,7 +171,7 @@ class MergeMethod:
                 if m.model == recipe.base_model and m.parameters:
                     raise MergeError(f"{source}: base model '{m.model}' is also listed as a fine-tune with "
                                      "parameters; its task vector is zero: remove it from models")
-        entries = recipe.fine_tunes() if cls.needs_base else recipe.models
+        entries = cls.input_entries(recipe)
         if not entries:
             raise MergeError(f"{source}: no models to merge; list at least one fine-tune under models")
         seen = set()

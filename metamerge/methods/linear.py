@@ -1,4 +1,9 @@
-"""``linear``: a weighted average of whole models (mergekit's ``linear``; the "weight average" baseline)."""
+"""``linear``: a weighted average of whole models (mergekit's ``linear``; the "weight average" baseline).
+
+As in mergekit, a ``base_model`` is one of the averaged inputs (appended if not listed, taking its
+weight from the global ``parameters``), and the sum is accumulated in float32 with one
+``addcmul_`` per model in input order, then divided by the summed weights.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +22,14 @@ class Linear(MergeMethod):
     )
 
     def merge(self, job: TensorJob) -> MergeOutput:
-        stacked = torch.stack(job.tensors, dim=0)
-        weights = torch.tensor([p["weight"] for p in job.params], dtype=stacked.dtype, device=stacked.device)
-        w = weights.view(-1, *([1] * (stacked.dim() - 1)))
-        out = (w * stacked).sum(dim=0)
+        first = job.tensors[0]
+        weights = torch.tensor([p["weight"] for p in job.params], dtype=first.dtype, device=first.device)
+        out = torch.zeros_like(first)
+        for tensor, coefficient in zip(job.tensors, weights.unbind(0)):
+            out.addcmul_(tensor, coefficient)
         coeffs = [p["weight"] for p in job.params]
         if job.globals["normalize"]:
-            out = out / w.sum(dim=0)
+            out.div_(weights.sum())
             total = sum(coeffs)
             coeffs = [c / total for c in coeffs] if total else coeffs
         return MergeOutput(out, coeffs)

@@ -63,8 +63,10 @@ class MetaGPT(MergeMethod):
         if how == "ties":
             return sp.magnitude(tau, params["density"])
         if how == "dare":
-            seed = sp.seed_for(globals_["seed"], model_key, tensor_name)
-            return sp.dare(tau, params["density"], seed=seed, rescale=globals_["rescale"])
+            # One generator per (seed, model, tensor): the mask does not depend on which other
+            # fine-tunes are merged, so a fine-tune's norms can be cached on their own.
+            gen = torch.Generator().manual_seed(sp.seed_for(globals_["seed"], model_key, tensor_name))
+            return sp.dare(tau, params["density"], gen, rescale="inverse" if globals_["rescale"] else None)
         return tau
 
     def merge(self, job: TensorJob) -> MergeOutput:

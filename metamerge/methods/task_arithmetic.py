@@ -2,7 +2,9 @@
 
 One computation with two switches, as in mergekit's generalized task arithmetic: how each task
 vector is sparsified (none, magnitude = TIES trim, random = DARE) and whether signs are elected
-(TIES). The operation order is mergekit's, so the same recipe gives the same tensors.
+(TIES). The operation order is mergekit 0.1.5's, so the same recipe gives the same tensors:
+DARE masks come from one CPU generator seeded with ``seed`` (mergekit's ``--random-seed``) and
+drawn in sorted tensor-name order, one per fine-tune in recipe order, as the engine visits them.
 """
 
 from __future__ import annotations
@@ -31,17 +33,22 @@ class GeneralTaskArithmetic(MergeMethod):
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        extra = (Param("rescale", default=True, kind=bool),) if cls.sparsification == "random" else ()
-        cls.params = COMMON + (Param("normalize", default=cls.default_normalize, kind=bool),) + extra
+        cls.params = COMMON + (Param("normalize", default=cls.default_normalize, kind=bool),
+                               Param("rescale", default=cls.sparsification == "random", kind=bool))
+
+    def __init__(self, recipe, num_layers=None):
+        super().__init__(recipe, num_layers)
+        self._generator: torch.Generator | None = None  # one stream for the whole merge
 
     def sparsify(self, tensor_name: str, model_key: str, tau: torch.Tensor,
                  params: dict[str, Any], globals_: dict[str, Any]) -> torch.Tensor:
         density = params["density"]
         if self.sparsification == "magnitude":
-            return sp.magnitude(tau, density)
+            return sp.magnitude(tau, density, rescale=globals_["rescale"])
         if self.sparsification == "random":
-            seed = sp.seed_for(globals_["seed"], model_key, tensor_name)
-            return sp.dare(tau, density, seed=seed, rescale=globals_["rescale"])
+            if self._generator is None:
+                self._generator = torch.Generator().manual_seed(globals_["seed"])
+            return sp.dare(tau, density, self._generator, rescale="l1" if globals_["rescale"] else None)
         return tau
 
     def merge(self, job: TensorJob) -> MergeOutput:
