@@ -51,6 +51,7 @@ def llama_config(size: str) -> dict:
     cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=h // 64, num_key_value_heads=max(1, h // 256),
                       vocab_size=vocab, tie_word_embeddings=False, dtype="bfloat16")
+    cfg.architectures = ["LlamaForCausalLM"]  # mergekit picks its architecture table from this
     return cfg
 
 
@@ -146,7 +147,9 @@ def main() -> int:
         print(f"# {size}: {len(dirs) - 1} fine-tunes, input {in_gb:.2f} GB (built/reused in {build_s:.0f} s)", flush=True)
         jobs = [(m, [metamerge, "merge", "{recipe}", "{out}", "--device", "cpu", "--no-progress"]) for m in args.methods]
         if mergekit:
-            jobs.append(("mergekit:task_arithmetic", [mergekit, "{recipe}", "{out}", "--random-seed", "0"]))
+            jobs.append(("mergekit:task_arithmetic", [mergekit, "{recipe}", "{out}", "--random-seed", "0",
+                                                      "--no-cuda", "--device", "cpu", "--quiet",
+                                                      "--no-write-model-card"]))
         for label, template in jobs:
             method = label.split(":")[-1]
             recipe = recipe_for(method, dirs)
@@ -155,7 +158,7 @@ def main() -> int:
             out = args.workdir / "out" / f"{size}-{label.replace(':', '_')}"
             shutil.rmtree(out, ignore_errors=True)
             cmd = [c.replace("{recipe}", str(rpath)).replace("{out}", str(out)) for c in template]
-            wall, rss, rc = run_measured(cmd)
+            wall, rss, rc = run_measured(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             row = {"size": size, "tool": label, "wall_s": round(wall, 2), "input_GB_per_s": round(in_gb / wall, 3),
                    "peak_rss_GiB": round(rss, 3), "rc": rc}
             rows.append(row)

@@ -43,12 +43,12 @@ class Diagnostics:
         n = len(labels)
         self._model_gram = [[0.0] * n for _ in range(n)]
 
-    def add(self, name: str, taus: list[torch.Tensor] | None, coefficients: list[float] | None,
+    def add(self, name: str, g: list[list[float]] | None, coefficients: list[float] | None,
             *, counted: bool = True) -> None:
-        """Record one tensor; ``counted=False`` for a tied alias already counted once."""
+        """Record one tensor from the Gram matrix of its task vectors (None without a base);
+        ``counted=False`` for a tied alias already counted once."""
         entry: dict = {"coefficients": coefficients}
-        if taus is not None:
-            g = gram(taus)
+        if g is not None:
             entry["norms"] = [math.sqrt(max(g[i][i], 0.0)) for i in range(len(g))]
             entry["cosine"] = cosine_from_gram(g)
             if counted:

@@ -9,6 +9,7 @@ that is renamed into place only when everything, report and provenance included,
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -21,17 +22,17 @@ from tqdm import tqdm
 from . import __version__
 from .atomic import atomic_directory
 from .checks import Plan, plan_merge
-from .diagnostics import Diagnostics
+from .diagnostics import Diagnostics, gram
 from .errors import MergeError
 from .io import ModelReader, ShardedWriter, parse_size
-from .loading import DTYPES, load_compute
+from .loading import DTYPES, Workspace, load_compute, name_nonfinite
 from .methods import TensorJob, get_method
 from .methods.base import MergeMethod
 from .methods.metagpt import metagpt_lambdas
 from .modelcard import render_model_card
 from .norms import task_vector_sqnorms
 from .recipe import Recipe
-from .refs import ResolvedModel, resolve, sha256_file
+from .refs import BackgroundHashes, ModelRef, ResolvedModel, resolve, sha256_file
 
 TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "added_tokens.json",
                    "chat_template*")
@@ -98,7 +99,9 @@ def open_inputs(recipe: Recipe, options: MergeOptions,
 
     def pin(ref: str) -> ResolvedModel:
         if ref not in resolved:
-            resolved[ref] = resolve(ref, hash_files=options.hash_inputs)
+            # Local folders without a pinned revision are hashed later, beside the merge.
+            defer = options.hash_inputs and "@" not in ref and ModelRef.parse(ref).is_local()
+            resolved[ref] = resolve(ref, hash_files=options.hash_inputs and not defer)
         return resolved[ref]
 
     method_cls = get_method(recipe.merge_method)
@@ -166,7 +169,14 @@ def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | No
     if dry_run or out_dir is None:
         return MergeResult(None, plan)
 
-    method = inputs.method
+    # Local inputs are hashed on a thread while the merge runs (sha256 releases the GIL).
+    with BackgroundHashes([inputs.base, *inputs.models, inputs.tokenizer] if options.hash_inputs else []) as hashes:
+        return _merge_into(recipe, out_dir, options, inputs, device, sqnorms, recipe_text, log, hashes)
+
+
+def _merge_into(recipe: Recipe, out_dir, options: MergeOptions, inputs: Inputs, device: torch.device,
+                sqnorms, recipe_text: str | None, log, hashes: BackgroundHashes) -> MergeResult:
+    plan, method = inputs.plan, inputs.method
     labels = [m.ref for m in inputs.models]
     model_sq = None
     if method.needs_model_sqnorms():
@@ -188,6 +198,7 @@ def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | No
             writer.abort()
             raise
         shard_hashes = writer.close()
+        hashes.wait()
         report = _report(recipe, inputs, diag, model_sq)
         _write_side_files(tmp, recipe, inputs, report, recipe_text)
         provenance = _provenance(tmp, recipe, inputs, shard_hashes, device)
@@ -200,6 +211,8 @@ def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | No
 def _merge_tensors(inputs: Inputs, method: MergeMethod, writer: ShardedWriter, diag: Diagnostics,
                    device: torch.device, model_sq: list[float] | None, progress: bool) -> None:
     plan = inputs.plan
+    ws = Workspace(device)
+    all_readers = ([inputs.base_reader] if inputs.base_reader else []) + inputs.readers
     written: dict[str, torch.Tensor] = {}
     targets = set(plan.aliases.values())
     with _bar(plan.total_bytes, "merge", progress) as bar:
@@ -209,25 +222,34 @@ def _merge_tensors(inputs: Inputs, method: MergeMethod, writer: ShardedWriter, d
                 diag.tensors[name] = {**diag.tensors[plan.aliases[name]], "tied_to": plan.aliases[name]}
                 continue
             rows = plan.shared_rows.get(name)
-            tensors = [load_compute(r, name, device, inputs.cast_dtype, rows) for r in inputs.readers]
+            tensors = [load_compute(r, name, device, inputs.cast_dtype, rows, workspace=ws, slot=f"m{i}")
+                       for i, r in enumerate(inputs.readers)]
             globals_, per = method.resolve(name)
-            base = taus = deltas = None
+            base = deltas = g = None
             if inputs.base_reader is not None:
-                base = load_compute(inputs.base_reader, name, device, inputs.cast_dtype, rows)
+                base = load_compute(inputs.base_reader, name, device, inputs.cast_dtype, rows,
+                                    workspace=ws, slot="base")
                 taus = [x.sub_(base) for x in tensors]  # in place: the raw weights are not needed again
+                g = gram(taus)
+                if not all(math.isfinite(g[i][i]) for i in range(len(g))):
+                    raise name_nonfinite(all_readers, name)
                 deltas = [method.sparsify(name, e.model, tau, per[i], globals_)
                           for i, (e, tau) in enumerate(zip(method.entries, taus))]
-            job = TensorJob(name, base, [] if taus is not None else tensors, deltas, per, globals_, model_sq)
+            job = TensorJob(name, base, [] if base is not None else tensors, deltas, per, globals_, model_sq)
             out = method.merge(job)
             merged = out.tensor
+            if base is None and not bool(torch.isfinite(merged.sum())):
+                raise name_nonfinite(all_readers, name)
             if plan.extend_from is not None and plan.out_shapes[name][0] > merged.shape[0]:
                 extra = inputs.readers[plan.extend_from].get(name)[merged.shape[0]:]
                 merged = torch.cat([merged, extra.to(device=device, dtype=merged.dtype)])
-            result = merged.to(plan.out_dtypes[name])
+            result = merged
+            if merged.dtype != plan.out_dtypes[name] or merged.device.type != "cpu":
+                result = ws.buffer("out", tuple(merged.shape), plan.out_dtypes[name]).copy_(merged)
             writer.write(name, result)
             if name in targets:
-                written[name] = result
-            diag.add(name, taus, out.coefficients)
+                written[name] = result.clone()
+            diag.add(name, g, out.coefficients)
             bar.update(result.numel() * result.element_size())
 
 

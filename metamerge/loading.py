@@ -1,4 +1,10 @@
-"""Load one tensor for computation: checked for NaN/Inf, cast, moved to the compute device."""
+"""Load tensors for computation into reusable buffers, and name the input behind a NaN/Inf.
+
+Converting a tensor into freshly allocated memory costs page faults on every page, which here
+is most of the merge's time; converting into a buffer that is reused from tensor to tensor is
+several times faster. A ``Workspace`` keeps one growing buffer per slot (the base, each model),
+so memory stays bounded by a few of the largest tensors and is touched once.
+"""
 
 from __future__ import annotations
 
@@ -16,23 +22,63 @@ def compute_dtype(cast_dtype: torch.dtype | None) -> torch.dtype:
     return torch.float64 if cast_dtype == torch.float64 else torch.float32
 
 
+class Workspace:
+    """Reusable buffers, one per slot name, grown to the largest tensor seen."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._compute: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._raw: dict[str, bytearray] = {}
+
+    def buffer(self, slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        key = (slot, dtype)
+        buf = self._compute.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=self.device)
+            self._compute[key] = buf
+        return buf[:numel].view(shape)
+
+    def raw(self, slot: str, nbytes: int) -> bytearray:
+        buf = self._raw.get(slot)
+        if buf is None or len(buf) < nbytes:
+            buf = bytearray(nbytes)
+            self._raw[slot] = buf
+        return buf
+
+
 def load_compute(reader: ModelReader, name: str, device: torch.device, cast_dtype: torch.dtype | None,
-                 rows: int | None = None) -> torch.Tensor:
-    """The tensor as a fresh compute-dtype tensor on ``device``.
+                 rows: int | None = None, *, workspace: Workspace | None = None,
+                 slot: str = "") -> torch.Tensor:
+    """The tensor in the compute dtype on ``device``: a view of ``workspace``'s buffer ``slot``
+    (valid until that slot is loaded again), or fresh memory without a workspace.
 
     ``cast_dtype`` (the recipe's ``dtype``) rounds the stored values first, as mergekit does when it
-    loads; ``rows`` keeps only the first rows (shared vocabulary).
+    loads; ``rows`` keeps only the first rows (shared vocabulary). No NaN/Inf check here: callers
+    check a reduction they compute anyway and call ``name_nonfinite`` when it is not finite.
     """
-    t = reader.get(name)
+    raw = workspace.raw(slot, reader.tensors[name].nbytes) if workspace is not None else None
+    t = reader.get(name, into=raw)
     if rows is not None:
         t = t[:rows]
     if cast_dtype is not None and t.dtype != cast_dtype:
         t = t.to(cast_dtype)
-    out = t.to(device=device, dtype=compute_dtype(cast_dtype), copy=True)
-    # A sum is NaN/Inf whenever an entry is (and costs a fraction of isfinite); only a
-    # non-finite sum pays for the exact check, which also rules out a mere overflow of the sum.
-    if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
-        bad = "NaN" if bool(torch.isnan(out).any()) else "Inf"
-        raise MergeError(f"{reader.label}: tensor '{name}' in {reader.tensors[name].file} contains {bad}; "
-                         "the checkpoint is damaged: re-download or re-train it")
+    dtype = compute_dtype(cast_dtype)
+    if workspace is None:
+        return t.to(device=device, dtype=dtype, copy=True)
+    out = workspace.buffer(slot, tuple(t.shape), dtype)
+    out.copy_(t)
     return out
+
+
+def name_nonfinite(readers: list[ModelReader], name: str, what: str = "merged tensor") -> MergeError:
+    """The one-line error for a non-finite result: which input holds the NaN/Inf, if any."""
+    for reader in readers:
+        t = reader.get(name).float()
+        if not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            return MergeError(f"{reader.label}: tensor '{name}' in {reader.tensors[name].file} contains {bad}; "
+                              "the checkpoint is damaged: re-download or re-train it")
+    return MergeError(f"{what} '{name}' overflowed to Inf/NaN in float32; merge with dtype: float64")

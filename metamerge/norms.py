@@ -8,10 +8,12 @@ the fine-tunes it is asked about.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .io import ModelReader
-from .loading import load_compute
+from .loading import Workspace, load_compute, name_nonfinite
 from .methods.base import MergeMethod
 from .methods.metagpt import squared_norm
 
@@ -24,16 +26,19 @@ def task_vector_sqnorms(method: MergeMethod, indices: list[int], base: ModelRead
     ``models`` are the readers of those fine-tunes, in the same order as ``indices``.
     """
     shared_rows = shared_rows or {}
+    ws = Workspace(device)
     out: list[dict[str, float]] = [{} for _ in indices]
     for name in names:
         rows = shared_rows.get(name)
-        b = load_compute(base, name, device, cast_dtype, rows=rows)
+        b = load_compute(base, name, device, cast_dtype, rows=rows, workspace=ws, slot="base")
         globals_, per = method.resolve(name)
         for k, (index, reader) in enumerate(zip(indices, models)):
-            tau = load_compute(reader, name, device, cast_dtype, rows=rows).sub_(b)
+            tau = load_compute(reader, name, device, cast_dtype, rows=rows, workspace=ws, slot="model").sub_(b)
             entry = method.entries[index]
-            out[k][name] = squared_norm(method.sparsify(name, entry.model, tau, per[index], globals_))
-            del tau
+            sq = squared_norm(method.sparsify(name, entry.model, tau, per[index], globals_))
+            if not math.isfinite(sq):  # NaN/Inf in either input propagates into the norm
+                raise name_nonfinite([base, reader], name, "task vector of")
+            out[k][name] = sq
         if progress is not None:
             progress(base.tensors[name].nbytes * (1 + len(indices)))
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,3 +125,26 @@ def _resolve_hub(ref: ModelRef, text: str, *, hash_files: bool, token: str | Non
     commit = path.name  # snapshots/<commit hash>
     files = {p.name: sha256_file(p) for p in model_files(path)} if hash_files else {}
     return ResolvedModel(ref=text, path=path, revision=commit, source="hub", files=files)
+
+
+class BackgroundHashes:
+    """Fill in the content hash of local models resolved without one, on a worker thread.
+
+    Hashing reads every input byte once more; beside the merge, which is busy converting and
+    adding, it costs little wall time. ``wait()`` sets ``revision`` and ``files``.
+    """
+
+    def __init__(self, models: list[ResolvedModel | None]):
+        todo = {id(m): m for m in models if m is not None and m.source == "local" and not m.files}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hash")
+        self._jobs = [(m, self._pool.submit(hash_model_dir, m.path)) for m in todo.values()]
+
+    def wait(self) -> None:
+        for model, job in self._jobs:
+            model.revision, model.files = job.result()
+
+    def __enter__(self) -> "BackgroundHashes":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

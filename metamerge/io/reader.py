@@ -131,12 +131,13 @@ class ModelReader:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Load one tensor in its stored dtype, into fresh memory.
+    def get(self, name: str, into: bytearray | None = None) -> torch.Tensor:
+        """Load one tensor in its stored dtype.
 
         Plain positioned reads rather than memory maps: pages of a map stay resident (and count
         as this process's memory) until the file is closed, which over a whole model is the
-        model's size; a read buffer is freed with the tensor.
+        model's size. ``into`` is a reusable byte buffer (at least the tensor's size); the tensor
+        returned is then a view of it, valid until the buffer is reused.
         """
         info = self.tensors.get(name)
         if info is None:
@@ -150,14 +151,14 @@ class ModelReader:
             except OSError as exc:
                 raise MergeError(f"{self.label}: cannot open {info.file} ({exc.strerror}); re-download it") from None
             self._handles[info.file] = fh
-        buf = bytearray(info.nbytes)
+        buf = into if into is not None else bytearray(info.nbytes)
         fh.seek(info.offset)
-        got = fh.readinto(buf)
+        got = fh.readinto(memoryview(buf)[:info.nbytes])
         if got != info.nbytes:
             raise MergeError(f"{self.label}: {info.file}: tensor '{name}' is truncated; re-download or re-save it")
-        if not buf:
+        if info.numel == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return torch.frombuffer(buf, dtype=info.dtype, count=info.numel).reshape(info.shape)
 
     def config(self) -> dict:
         cfg = self.path / "config.json"

@@ -112,7 +112,11 @@ def _leaves(value: Any) -> list[Any]:
 
 @dataclass
 class TensorJob:
-    """Everything a method needs to merge one tensor. Tensors are float32 (or wider)."""
+    """Everything a method needs to merge one tensor. Tensors are float32 (or wider).
+
+    The method owns them: it may write into ``base`` and ``deltas`` in place (they are reused
+    buffers, valid until the next tensor), and its output may be one of them.
+    """
 
     name: str
     base: torch.Tensor | None

@@ -76,7 +76,7 @@ class MetaGPT(MergeMethod):
             sq = [squared_norm(d) for d in job.deltas]
         lambdas = metagpt_lambdas(sq)
         if not any(lambdas):  # no fine-tune changed anything: the base, exactly
-            return MergeOutput(job.base.clone(), lambdas)
+            return MergeOutput(job.base, lambdas)
         if job.globals["sparsify"] == "ties":
             # TIES on top: elect signs over the lambda-weighted vectors, then a disjoint mean.
             deltas = torch.stack(job.deltas, dim=0)
@@ -87,7 +87,7 @@ class MetaGPT(MergeMethod):
             divisor = (w * mask).sum(dim=0)
             divisor[divisor == 0] = 1
             return MergeOutput(job.base + (weighted * mask).sum(dim=0) / divisor, lambdas)
-        out = job.base.clone()
+        out = job.base  # accumulate in place: the base buffer is not needed after this tensor
         for lam, delta in zip(lambdas, job.deltas):
             out.add_(delta, alpha=lam)
         return MergeOutput(out, lambdas)

@@ -74,7 +74,7 @@ class GeneralTaskArithmetic(MergeMethod):
         if job.globals["normalize"] and not self.consensus:
             total = sum(p["weight"] for p in job.params)
             coeffs = [c / total for c in coeffs] if abs(total) >= 1e-8 else coeffs
-        return MergeOutput(job.base + mixed, coeffs)
+        return MergeOutput(mixed.add_(job.base), coeffs)  # a + b == b + a, bit for bit
 
 
 @register
