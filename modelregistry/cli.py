@@ -1,0 +1,138 @@
+"""Registry commands of ``metamerge``: promote, rollback, audit, reproduce.
+
+``metamerge/cli.py`` calls :func:`main` with ``[command, *rest]``. Every failure is a one-line
+``MergeError`` (the top-level CLI prints ``error: ...`` and exits 2).
+
+    metamerge promote NAME VERSION [--reason TEXT]
+    metamerge rollback NAME [--reason TEXT]
+    metamerge audit NAME VERSION [--json]          exit 1 when the files do not verify
+    metamerge reproduce NAME VERSION OUT_DIR [--input REF=PATH ...] [--device cpu|cuda]
+                                                   exit 1 when the weights are not bit-identical
+each with ``--tracking-uri URI`` (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///./mlruns.db``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from metamerge.errors import MergeError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one-line MergeError instead of argparse's usage + exit
+        raise MergeError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="metamerge", description="model registry commands")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(p):
+        p.add_argument("--tracking-uri", default=None,
+                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlruns.db)")
+        return p
+
+    p = common(sub.add_parser("promote", help="make VERSION the champion (manual override, recorded)"))
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--reason", default="")
+    p = common(sub.add_parser("rollback", help="move the champion back to the previous champion"))
+    p.add_argument("name")
+    p.add_argument("--reason", default="")
+    p = common(sub.add_parser("audit", help="provenance of a version and verification of its files"))
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--json", action="store_true", help="print the full audit as JSON")
+    p = common(sub.add_parser("reproduce", help="re-run the recorded merge and compare bit for bit"))
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("out_dir")
+    p.add_argument("--input", action="append", default=[], metavar="REF=PATH",
+                   help="where a recorded input lives now (repeatable)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _config(args):
+    from .config import RegistryConfig
+
+    return RegistryConfig(tracking_uri=args.tracking_uri) if args.tracking_uri else RegistryConfig()
+
+
+def _resolve_version(client, name: str, version: str) -> str:
+    """Accept a number or an alias (``champion``, ``challenger``)."""
+    if version.isdigit():
+        return version
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, version).version)
+    except MlflowException:
+        raise MergeError(f"registered model '{name}' has no version or alias '{version}'") from None
+
+
+def _run(args) -> int:
+    from .audit import audit, format_audit, reproduce
+    from .promotion import promote, rollback
+
+    config = _config(args)
+    if args.command == "promote":
+        d = promote(args.name, _resolve_version(config.client(), args.name, args.version), args.reason, config)
+        print(f"{args.name}: champion is v{d.champion} ({d.reason}; previous: "
+              f"{'v' + d.previous_champion if d.previous_champion else 'none'})")
+        return 0
+    if args.command == "rollback":
+        d = rollback(args.name, config, args.reason)
+        print(f"{args.name}: champion rolled back from v{d.previous_champion} to v{d.champion}")
+        return 0
+    if args.command == "audit":
+        report = audit(args.name, _resolve_version(config.client(), args.name, args.version), config)
+        print(json.dumps(report, indent=2, sort_keys=True, default=str) if args.json else format_audit(report))
+        return 0 if report["verified"] else 1
+    if args.command == "reproduce":
+        inputs = {}
+        for item in args.input:
+            ref, sep, path = item.rpartition("=")
+            if not sep or not ref:
+                raise MergeError(f"--input {item!r}: use REF=PATH")
+            inputs[ref] = path
+        res = reproduce(args.name, _resolve_version(config.client(), args.name, args.version), args.out_dir,
+                        config, inputs=inputs, device=args.device)
+        if args.json:
+            print(json.dumps(res, indent=2, sort_keys=True))
+        else:
+            state = "bit-identical" if res["identical"] else "NOT identical"
+            print(f"reproduced {args.name} v{res['version']} into {res['out_dir']}: weights {state} "
+                  f"({len(res['weights'])} weight files)")
+            for f in res["differing"]:
+                print(f"  differs: {f}")
+            for note in res["notes"]:
+                print(f"  note: {note}")
+        return 0 if res["identical"] else 1
+    raise MergeError(f"unknown registry command '{args.command}'")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(args)
+    except MergeError:
+        raise
+    except Exception as exc:  # MLflow and storage errors: one line, no traceback
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(exc, (MlflowException, OSError)):
+            msg = str(getattr(exc, "message", exc)).strip().splitlines()
+            raise MergeError(f"{args.command}: {msg[0] if msg else type(exc).__name__}") from None
+        raise
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
