@@ -241,7 +241,10 @@ def _merge_tensors(inputs: Inputs, method: MergeMethod, writer: ShardedWriter, d
             if base is None and not bool(torch.isfinite(merged.sum())):
                 raise name_nonfinite(all_readers, name)
             if plan.extend_from is not None and plan.out_shapes[name][0] > merged.shape[0]:
-                extra = inputs.readers[plan.extend_from].get(name)[merged.shape[0]:]
+                donor = inputs.readers[plan.extend_from]
+                extra = donor.get(name)[merged.shape[0]:]
+                if not bool(torch.isfinite(extra).all()):  # rows no task vector saw: check them here
+                    raise name_nonfinite([donor], name)
                 merged = torch.cat([merged, extra.to(device=device, dtype=merged.dtype)])
             result = merged
             if merged.dtype != plan.out_dtypes[name] or merged.device.type != "cpu":

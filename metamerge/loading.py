@@ -63,9 +63,9 @@ def load_compute(reader: ModelReader, name: str, device: torch.device, cast_dtyp
     t = reader.get(name, into=raw)
     if rows is not None:
         t = t[:rows]
-    if cast_dtype is not None and t.dtype != cast_dtype:
-        t = t.to(cast_dtype)
     dtype = compute_dtype(cast_dtype)
+    if cast_dtype is not None and t.dtype != cast_dtype and cast_dtype != dtype:
+        t = t.to(cast_dtype)  # round to a narrower dtype first; a cast to the compute dtype is the copy below
     if workspace is None:
         return t.to(device=device, dtype=dtype, copy=True)
     out = workspace.buffer(slot, tuple(t.shape), dtype)

@@ -60,17 +60,42 @@ def _read_header(path: Path, label: str) -> tuple[dict, int]:
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise MergeError(f"{label}: {path.name} is not a valid safetensors file ({exc}); "
                          "re-download or re-save the model") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{label}: {path.name} is not a valid safetensors file (the header is not a JSON "
+                         "object); re-download or re-save the model")
     data_len = size - 8 - n
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        end = meta.get("data_offsets", [0, 0])[1]
+        if not _valid_entry(meta):
+            raise MergeError(f"{label}: {path.name} is not a valid safetensors file (bad header entry for "
+                             f"tensor '{name}'); re-download or re-save the model")
+        start, end = meta["data_offsets"]
         if end > data_len:
             raise MergeError(f"{label}: {path.name} is truncated (tensor '{name}' ends past the end "
                              "of the file); re-download or re-save the model")
-        if meta.get("dtype") not in ST_DTYPES:
-            raise MergeError(f"{label}: {path.name}: tensor '{name}' has unsupported dtype {meta.get('dtype')}")
+        if meta["dtype"] not in ST_DTYPES:
+            raise MergeError(f"{label}: {path.name}: tensor '{name}' has unsupported dtype {meta['dtype']}")
+        numel = 1
+        for d in meta["shape"]:
+            numel *= d
+        if end - start != numel * torch.tensor([], dtype=ST_DTYPES[meta["dtype"]]).element_size():
+            raise MergeError(f"{label}: {path.name} is not a valid safetensors file (tensor '{name}' spans "
+                             f"{end - start} bytes, not the size of its shape and dtype); re-download or re-save the model")
     return header, 8 + n
+
+
+def _valid_entry(meta) -> bool:
+    """A header entry has a dtype, a shape of non-negative ints and two ordered data offsets."""
+    if not isinstance(meta, dict):
+        return False
+    shape, offsets = meta.get("shape"), meta.get("data_offsets")
+    return (isinstance(meta.get("dtype"), str) and _counts(shape) and _counts(offsets)
+            and len(offsets) == 2 and offsets[0] <= offsets[1])
+
+
+def _counts(xs) -> bool:
+    return isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
 
 
 class ModelReader:
@@ -123,6 +148,9 @@ class ModelReader:
                 state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # noqa: BLE001 - any failure is a bad file for the user
                 raise MergeError(f"{self.label}: cannot load {p.name} ({type(exc).__name__}: {exc})") from None
+            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+                raise MergeError(f"{self.label}: {p.name} is not a flat state dict of tensors (a training "
+                                 "checkpoint?); save the model with save_pretrained, or convert it to safetensors")
             self._pickled[p.name] = state
             for name, t in state.items():
                 self.tensors[name] = TensorInfo(name, tuple(t.shape), t.dtype, p.name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import MergeError
 from .base import MergeMethod, MergeOutput, Param, TensorJob, register
 
 
@@ -29,6 +30,9 @@ class Linear(MergeMethod):
             out.addcmul_(tensor, coefficient)
         coeffs = [p["weight"] for p in job.params]
         if job.globals["normalize"]:
+            if float(weights.sum()) == 0:  # mergekit would write NaN/Inf here
+                raise MergeError(f"linear: the weights for tensor '{job.name}' sum to 0, so normalize: true "
+                                 "would divide by zero; change the weights or set normalize: false")
             out.div_(weights.sum())
             total = sum(coeffs)
             coeffs = [c / total for c in coeffs] if total else coeffs

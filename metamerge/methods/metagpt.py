@@ -55,7 +55,8 @@ class MetaGPT(MergeMethod):
     )
 
     def needs_model_sqnorms(self) -> bool:
-        return self.recipe.parameters.get("granularity", "model") == "model"
+        # Anything but a plain "tensor" (a filter list too) may resolve to "model" on some tensor.
+        return self.recipe.parameters.get("granularity", "model") != "tensor"
 
     def sparsify(self, tensor_name: str, model_key: str, tau: torch.Tensor,
                  params: dict[str, Any], globals_: dict[str, Any]) -> torch.Tensor:
