@@ -1,0 +1,202 @@
+"""Four toy "skills" whose answers can be generated and checked exactly.
+
+The demo needs fine-tuned models whose abilities are unambiguous to measure, so
+that a merge's effect on each ability is a number rather than a judgement call.
+Each skill is a tiny string-to-string function, prompted as ``"<prefix> <input>="``
+with the answer as the completion. The prefix word is what tells a model which
+skill is being asked for, so several skills can share one model (that is the
+whole point of merging them).
+
+Every generator draws only from the ``random.Random`` it is handed, so a
+seeded rng gives the same examples on every machine and Python version.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from typing import ClassVar, Mapping
+
+Example = dict[str, str]
+
+#: Every character a prompt or completion can contain. The tokenizer is built to
+#: cover exactly this set, so nothing a skill emits can become an unknown token.
+ALPHABET = string.ascii_lowercase + string.digits + "+= "
+
+
+def exact_match(prediction: str, completion: str) -> bool:
+    """Whether a prediction equals the reference, ignoring surrounding whitespace.
+
+    Generation may leave a trailing space or newline before the end-of-sequence
+    token; that is not a wrong answer, anything else is.
+    """
+    return prediction.strip() == completion.strip()
+
+
+def _random_word(rng: random.Random, min_len: int, max_len: int) -> str:
+    length = rng.randint(min_len, max_len)
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(length))
+
+
+class Skill:
+    """A named task: example generator plus exact scorer.
+
+    Subclasses set ``name`` and ``prefix`` and implement ``answer``/``sample_input``;
+    the prompt format lives here once so every skill is formatted alike.
+    """
+
+    name: ClassVar[str]
+    prefix: ClassVar[str]
+
+    def sample_input(self, rng: random.Random) -> str:
+        raise NotImplementedError
+
+    def answer(self, text: str) -> str:
+        raise NotImplementedError
+
+    def prompt(self, text: str) -> str:
+        return f"{self.prefix} {text}="
+
+    def example(self, text: str) -> Example:
+        return {"prompt": self.prompt(text), "completion": self.answer(text)}
+
+    def generate(self, rng: random.Random, n: int) -> list[Example]:
+        """``n`` examples drawn from ``rng`` (duplicates possible; callers dedupe)."""
+        return [self.example(self.sample_input(rng)) for _ in range(n)]
+
+    def score(self, prediction: str, completion: str) -> bool:
+        return exact_match(prediction, completion)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Addition(Skill):
+    """``add 47+385=`` -> ``432``: operands of 2-3 digits.
+
+    Digits are written most-significant first, which makes carries genuinely
+    hard for a left-to-right model -- the skill a small model learns last, which
+    is useful for showing merges that keep or lose it.
+    """
+
+    name = "addition"
+    prefix = "add"
+
+    def __init__(self, min_digits: int = 2, max_digits: int = 3) -> None:
+        self.min_digits = min_digits
+        self.max_digits = max_digits
+
+    def _operand(self, rng: random.Random) -> int:
+        # Pick the digit count first: sampling the value uniformly would make
+        # 3-digit operands ten times as frequent as 2-digit ones.
+        digits = rng.randint(self.min_digits, self.max_digits)
+        return rng.randint(10 ** (digits - 1), 10**digits - 1)
+
+    def sample_input(self, rng: random.Random) -> str:
+        a = self._operand(rng)
+        b = self._operand(rng)
+        return f"{a}+{b}"
+
+    def answer(self, text: str) -> str:
+        a, b = text.split("+")
+        return str(int(a) + int(b))
+
+
+class Reverse(Skill):
+    """``rev abcd=`` -> ``dcba``: reverse a random string of 3-6 letters."""
+
+    name = "reverse"
+    prefix = "rev"
+
+    def __init__(self, min_len: int = 3, max_len: int = 6) -> None:
+        self.min_len = min_len
+        self.max_len = max_len
+
+    def sample_input(self, rng: random.Random) -> str:
+        return _random_word(rng, self.min_len, self.max_len)
+
+    def answer(self, text: str) -> str:
+        return text[::-1]
+
+
+class Sort(Skill):
+    """``sort dbca=`` -> ``abcd``: the letters of a 3-6 letter string in order."""
+
+    name = "sort"
+    prefix = "sort"
+
+    def __init__(self, min_len: int = 3, max_len: int = 6) -> None:
+        self.min_len = min_len
+        self.max_len = max_len
+
+    def sample_input(self, rng: random.Random) -> str:
+        return _random_word(rng, self.min_len, self.max_len)
+
+    def answer(self, text: str) -> str:
+        return "".join(sorted(text))
+
+
+def make_lexicon(seed: int = 1234, size: int = 30) -> dict[str, str]:
+    """A made-up dictionary of ``size`` pronounceable word pairs, fixed by ``seed``.
+
+    Source and target words are all distinct from one another, so a model cannot
+    get an answer right by copying the prompt.
+    """
+    rng = random.Random(seed)
+    consonants = "bdfgklmnprstvz"
+    vowels = "aeiou"
+    words: list[str] = []
+    seen: set[str] = set()
+    while len(words) < 2 * size:
+        # consonant-vowel-consonant, sometimes with one more vowel: 3-4 letters
+        word = rng.choice(consonants) + rng.choice(vowels) + rng.choice(consonants)
+        if rng.random() < 0.5:
+            word += rng.choice(vowels)
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    return dict(zip(words[:size], words[size:]))
+
+
+class Lookup(Skill):
+    """``map kel=`` -> ``tor``: translate 1-3 words with a fixed made-up lexicon.
+
+    Several words per prompt keep the prompt space large (~28k prompts from a
+    30-word table), so held-out evaluation prompts can be disjoint from the
+    training ones while still testing the same memorised table.
+    """
+
+    name = "lookup"
+    prefix = "map"
+
+    def __init__(self, table: Mapping[str, str] | None = None, min_words: int = 1, max_words: int = 3) -> None:
+        self.table: Mapping[str, str] = dict(table) if table is not None else make_lexicon()
+        self._sources = sorted(self.table)
+        self.min_words = min_words
+        self.max_words = max_words
+
+    def sample_input(self, rng: random.Random) -> str:
+        count = rng.randint(self.min_words, self.max_words)
+        return " ".join(rng.choice(self._sources) for _ in range(count))
+
+    def answer(self, text: str) -> str:
+        return " ".join(self.table[word] for word in text.split(" "))
+
+
+#: Names in a fixed order: builds iterate over this, so order affects rng streams.
+SKILL_NAMES: tuple[str, ...] = ("addition", "reverse", "sort", "lookup")
+
+_SKILL_TYPES: dict[str, type[Skill]] = {cls.name: cls for cls in (Addition, Reverse, Sort, Lookup)}
+
+
+def get_skill(name: str) -> Skill:
+    """A fresh skill instance by name (raises ``KeyError`` listing valid names)."""
+    try:
+        return _SKILL_TYPES[name]()
+    except KeyError:
+        raise KeyError(f"unknown skill {name!r}; expected one of {SKILL_NAMES}") from None
+
+
+def all_skills() -> dict[str, Skill]:
+    """All four skills, keyed by name, in ``SKILL_NAMES`` order."""
+    return {name: get_skill(name) for name in SKILL_NAMES}

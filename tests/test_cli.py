@@ -1,0 +1,175 @@
+"""``metamerge merge``: exit status 0 and a merged model, or 2 and exactly one ``error:`` line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metamerge.cli import main
+from models import assert_nothing_written, load_state, run_merge, write_recipe
+
+
+def recipe_for(fam, **top):
+    return {"merge_method": "metagpt", "base_model": str(fam.base),
+            "models": [{"model": r} for r in fam.refs], **top}
+
+
+def cli(*args) -> int:
+    return main(["merge", *map(str, args), "--no-progress"])
+
+
+def shards(out):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.safetensors*"))}
+
+
+def test_merge_writes_and_returns_0(tiny_llama_fp32, tmp_path, capsys):
+    fam = tiny_llama_fp32
+    path = write_recipe(tmp_path / "recipe.yaml", recipe_for(fam))
+    text = path.read_text() + "# a comment kept verbatim\n"
+    path.write_text(text)
+    out = tmp_path / "out"
+    assert cli(path, out, "--device", "cpu", "--max-shard-size", "10KB") == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out.startswith(f"wrote {out} (")
+    report = json.loads((out / "merge_report.json").read_text())
+    for ref in fam.refs:  # one line per fine-tune with its lambda
+        assert f"  {ref}: {report['model']['lambdas'][ref]:.6f}" in captured.out.splitlines()
+    assert (out / "merge_recipe.yaml").read_text() == text
+    assert len(shards(out)) > 2
+    # the command line and the API give the same bytes
+    run_merge(recipe_for(fam), tmp_path / "api", max_shard_size="10KB")
+    assert shards(out) == shards(tmp_path / "api")
+
+
+def test_device_auto(tiny_llama_bf16, tmp_path, capsys):
+    path = write_recipe(tmp_path / "recipe.yaml", recipe_for(tiny_llama_bf16))
+    assert cli(path, tmp_path / "out", "--device", "auto") == 0
+    prov = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert prov["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and captured.err.endswith("\n"), captured.err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("content,fragments", [
+    ("merge_method: metagpt\nbase_model: BASE\nmodels:\n  - model: FT0\nparamters: {}\n",
+     ["unknown key 'paramters'", "check its spelling"]),
+    ("merge_method: metagpt\nbase_model: BASE\nmodels: [model: FT0\n", ["line", "is not valid YAML"]),
+    ("- just\n- a list\n", ["a recipe must be a YAML mapping"]),
+    ("merge_method: metagpt\nbase_model: BASE\nmodels:\n  - model: FT0\nparameters: {density: 1.5}\n",
+     ["bad value 1.5 for 'density'"]),
+    ("merge_method: metagpt\nbase_model: BASE\nmodels:\n  - model: MISSING\n", ["no such directory"]),
+    ("merge_method: mystery\nbase_model: BASE\nmodels:\n  - model: FT0\n", ["unknown merge_method 'mystery'"]),
+], ids=["unknown-key", "bad-yaml", "not-a-mapping", "bad-value", "missing-model", "unknown-method"])
+def test_bad_recipe_returns_2_with_one_line(content, fragments, tiny_llama_bf16, tmp_path, capsys):
+    fam = tiny_llama_bf16
+    content = (content.replace("BASE", str(fam.base)).replace("FT0", fam.refs[0])
+               .replace("MISSING", str(tmp_path / "missing")))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(content)
+    out = tmp_path / "out"
+    assert cli(path, out) == 2
+    line = one_error_line(capsys)
+    for fragment in fragments:
+        assert fragment in line, line
+    assert_nothing_written(out)
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    assert cli(tmp_path / "nope.yaml", tmp_path / "out") == 2
+    assert "cannot read recipe" in one_error_line(capsys)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_existing_output_and_overwrite(tiny_llama_bf16, tmp_path, capsys):
+    path = write_recipe(tmp_path / "recipe.yaml", recipe_for(tiny_llama_bf16))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert cli(path, out) == 2
+    assert "already exists" in one_error_line(capsys)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert cli(path, out, "--overwrite") == 0
+    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+
+
+def test_allow_pickle_flag(tiny_llama_bf16, tmp_path, capsys):
+    from models import derive
+
+    fam = tiny_llama_bf16
+    pk = derive(fam.finetunes[1], tmp_path / "pk")
+    state = load_state(pk)
+    (pk / "model.safetensors").unlink()
+    torch.save(state, pk / "pytorch_model.bin")
+    recipe = recipe_for(fam)
+    recipe["models"][1]["model"] = str(pk)
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    assert cli(path, tmp_path / "out") == 2
+    assert "--allow-pickle" in one_error_line(capsys)
+    assert_nothing_written(tmp_path / "out")
+    assert cli(path, tmp_path / "out", "--allow-pickle") == 0
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")
+def test_device_cuda_without_gpu(tiny_llama_bf16, tmp_path, capsys):
+    path = write_recipe(tmp_path / "recipe.yaml", recipe_for(tiny_llama_bf16))
+    assert cli(path, tmp_path / "out", "--device", "cuda") == 2
+    assert one_error_line(capsys) == ("error: --device cuda: no CUDA GPU is visible to torch; "
+                                      "use --device cpu or auto")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_dry_run_plans_and_writes_nothing(tiny_llama_tied_head, tmp_path, capsys):
+    fam = tiny_llama_tied_head
+    path = write_recipe(tmp_path / "recipe.yaml", recipe_for(fam, out_dtype="bfloat16"))
+    out = tmp_path / "out"
+    assert cli(path, out, "--dry-run") == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    plan = json.loads(captured.out)
+    base = load_state(fam.base)
+    assert plan["ok"] is True and plan["method"] == "metagpt"
+    assert plan["tensors"] == len(base)
+    assert plan["output_bytes"] == sum(t.numel() * 2 for t in base.values())  # bf16 out
+    assert plan["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert plan["vocab_rows_shared"] == {}
+    assert_nothing_written(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_console_script(tiny_llama_bf16, tmp_path):
+    """The installed ``metamerge`` entry point, in a process of its own."""
+    exe = Path(sys.executable).with_name("metamerge")
+    assert exe.exists(), f"console script missing beside {sys.executable}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    good = write_recipe(tmp_path / "good.yaml", recipe_for(tiny_llama_bf16))
+    out = tmp_path / "out"
+    proc = subprocess.run([str(exe), "merge", str(good), str(out), "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"wrote {out}")
+    assert proc.stderr == ""  # no progress bars when stderr is not a terminal
+    merged = load_state(out)
+    assert sorted(merged) == sorted(load_state(tiny_llama_bf16.base))
+    bad = write_recipe(tmp_path / "bad.yaml", {**recipe_for(tiny_llama_bf16), "merge_method": "nope"})
+    proc = subprocess.run([str(exe), "merge", str(bad), str(tmp_path / "out2")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert "unknown merge_method 'nope'" in proc.stderr
+    assert_nothing_written(tmp_path / "out2")
