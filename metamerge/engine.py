@@ -162,6 +162,7 @@ def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | No
     """
     options = options or MergeOptions()
     device = resolve_device(options.device)
+    parse_size(options.max_shard_size)  # a bad size fails before any work, dry runs included
     inputs = open_inputs(recipe, options, resolved)
     plan = inputs.plan
     if out_dir is not None and Path(out_dir).exists() and not options.overwrite:
@@ -275,6 +276,9 @@ def _report(recipe: Recipe, inputs: Inputs, diag: Diagnostics, model_sq: list[fl
         "dtype": recipe.dtype, "out_dtype": recipe.out_dtype,
         "model": model,
         "tensors": diag.tensors,
+        # norms and cosines are of the raw task vectors (the orthogonality check); coefficients
+        # are what the method used (for sparsified MetaGPT, from the sparsified vectors)
+        "diagnostics_of": "raw task vectors",
     }
 
 
@@ -306,6 +310,8 @@ def _provenance(tmp: Path, recipe: Recipe, inputs: Inputs, shard_hashes: dict[st
         if f.is_file() and f.name not in outputs and f.name != PROVENANCE:
             outputs[f.name] = sha256_file(f)
     roles = ([("base", inputs.base)] if inputs.base else []) + [("model", m) for m in inputs.models]
+    if all(inputs.tokenizer is not m for _, m in roles):
+        roles.append(("tokenizer", inputs.tokenizer))
     import safetensors
     return {
         "recipe": recipe.model_dump(exclude_none=True),

@@ -81,4 +81,5 @@ def name_nonfinite(readers: list[ModelReader], name: str, what: str = "merged te
             bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
             return MergeError(f"{reader.label}: tensor '{name}' in {reader.tensors[name].file} contains {bad}; "
                               "the checkpoint is damaged: re-download or re-train it")
-    return MergeError(f"{what} '{name}' overflowed to Inf/NaN in float32; merge with dtype: float64")
+    return MergeError(f"{what} '{name}' overflowed to Inf/NaN in the compute dtype; merge with dtype: float64 "
+                      "or check the weights")
