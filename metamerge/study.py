@@ -1,0 +1,103 @@
+"""The demo study: every merge method on the same fine-tunes, scored as in the paper's table.
+
+Pure: recipes for each method, the choice of the "oracle" task-arithmetic lambda, and the table
+(rows: methods; columns: tasks and their average). The flow (``flows/study.py``) runs the merges
+and evaluations and hands the scores back here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The paper's sparsification density for DARE and TIES (and their MetaGPT combinations).
+DENSITY = 0.55
+TA_GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+
+
+def study_recipes(base: str, finetunes: list[str], *, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """One recipe (mergekit format) per compared method; grid points are added by ``grid_recipes``."""
+
+    def recipe(method: str, params: dict | None = None, per_model: dict | None = None) -> dict:
+        r: dict[str, Any] = {"merge_method": method, "base_model": base,
+                             "models": [{"model": f, **({"parameters": dict(per_model)} if per_model else {})}
+                                        for f in finetunes]}
+        if params:
+            r["parameters"] = params
+        return r
+
+    return {
+        "metagpt": recipe("metagpt"),
+        "metagpt_tensor": recipe("metagpt", {"granularity": "tensor"}),
+        "metagpt_dare": recipe("metagpt", {"sparsify": "dare", "density": DENSITY, "seed": seed}),
+        "metagpt_ties": recipe("metagpt", {"sparsify": "ties", "density": DENSITY}),
+        "task_arithmetic_0.3": recipe("task_arithmetic", {"lambda": 0.3}, {"weight": 1.0}),
+        "ties": recipe("ties", {"lambda": 1.0}, {"weight": 1.0, "density": DENSITY}),
+        "dare_ties": recipe("dare_ties", {"seed": seed}, {"weight": 1.0, "density": DENSITY}),
+        # the paper's "weight average": the fine-tunes averaged, no base
+        "linear": {"merge_method": "linear",
+                   "models": [{"model": f, "parameters": {"weight": 1.0}} for f in finetunes]},
+    }
+
+
+def grid_recipes(base: str, finetunes: list[str], grid=TA_GRID) -> dict[str, dict[str, Any]]:
+    """Task arithmetic at each lambda of the grid: the search MetaGPT does without."""
+    return {f"task_arithmetic_grid_{lam:g}": {
+        "merge_method": "task_arithmetic", "base_model": base,
+        "parameters": {"lambda": lam},
+        "models": [{"model": f, "parameters": {"weight": 1.0}} for f in finetunes]} for lam in grid}
+
+
+def mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def pick_oracle(grid_scores: dict[str, dict[str, float | None]]) -> str:
+    """The grid point with the best average accuracy (ties: the smaller lambda, listed first)."""
+    return max(grid_scores, key=lambda k: (mean(grid_scores[k].values()) or 0.0, -list(grid_scores).index(k)))
+
+
+def markdown_table(rows: dict[str, dict[str, float | None]], tasks: list[str], *, digits: int = 3,
+                   title: str = "method") -> str:
+    """Rows as a markdown table with an ``average`` column; None shows as a dash."""
+    fmt = lambda v: "-" if v is None else f"{v:.{digits}f}"  # noqa: E731
+    lines = [f"| {title} | " + " | ".join(tasks) + " | average |",
+             "|---|" + "---|" * (len(tasks) + 1)]
+    for name, scores in rows.items():
+        vals = [scores.get(t) for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(fmt(v) for v in vals) + f" | {fmt(mean(vals))} |")
+    return "\n".join(lines)
+
+
+def linearity_error(alphas: list[float], losses: list[float]) -> float:
+    """Largest gap between the loss curve and its chord from alpha=0 to 1, relative to the chord's
+    rise: 0 for a straight line (the paper's NTK-linearity assumption), large when it bends."""
+    a0, a1 = alphas[0], alphas[-1]
+    l0, l1 = losses[0], losses[-1]
+    chord = [l0 + (l1 - l0) * (a - a0) / (a1 - a0) for a in alphas]
+    scale = abs(l1 - l0) or 1.0
+    return max(abs(l - c) for l, c in zip(losses, chord)) / scale
+
+
+def linearity_curve(base_dir, finetune_dir, examples: list[dict], alphas=(0.0, 0.25, 0.5, 0.75, 1.0),
+                    *, batch_size: int = 32) -> list[float]:
+    """Loss on ``examples`` of ``theta_0 + alpha * tau_t`` for each alpha (the paper's linearity check).
+
+    Small models only: both state dicts are held in memory.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluate import evaluate_loaded
+
+    tokenizer = AutoTokenizer.from_pretrained(finetune_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tuned = AutoModelForCausalLM.from_pretrained(finetune_dir, dtype=torch.float32).state_dict()
+    losses = []
+    for alpha in alphas:
+        model.load_state_dict({k: base[k] + alpha * (tuned[k].float() - base[k]) for k in base})
+        scores = evaluate_loaded(model, tokenizer, examples, batch_size=batch_size, with_exact_match=False,
+                                 progress=False)
+        losses.append(float(scores.loss))
+    return losses
