@@ -129,7 +129,8 @@ def _metric_name(name: str) -> str:
 
 @flow(name="metamerge-study")
 def study_flow(workdir: str = ".demo", size: str = "demo", seed: int = 0,
-               tracking_uri: str | None = None, model_name: str = "metamerge-demo") -> dict:
+               tracking_uri: str | None = None, model_name: str = "metamerge-demo",
+               grid: list[float] | None = None) -> dict:
     """Every method on the scenario's fine-tunes; returns the table and where everything is."""
     log = get_run_logger()
     root = Path(workdir).absolute()
@@ -141,7 +142,7 @@ def study_flow(workdir: str = ".demo", size: str = "demo", seed: int = 0,
         log.info(f"study: {name}")
         results[name] = merge_flow({"recipe": recipe, "pipeline": _pipeline(name, root, scn, registry)})
     grid = {name: merge_flow({"recipe": recipe, "pipeline": _pipeline(name, root, scn, None)})
-            for name, recipe in study.grid_recipes(base, fts).items()}
+            for name, recipe in study.grid_recipes(base, fts, grid or study.TA_GRID).items()}
     oracle = study.pick_oracle({k: _accuracy(v["summary"]) for k, v in grid.items()})
     linearity = linearity_check(base, scn["finetuned"], scn["eval_sets"])
     rep = study_report(str(root), scn, results, grid, oracle, linearity, tracking_uri)

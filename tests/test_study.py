@@ -1,0 +1,41 @@
+"""The study's pure parts: the table, the oracle choice, the linearity measure, the recipes."""
+
+from __future__ import annotations
+
+import pytest
+
+from metamerge import study
+from metamerge.recipe import parse_recipe
+
+
+def test_markdown_table_has_average_and_dashes():
+    text = study.markdown_table({"a": {"x": 0.5, "y": 1.0}, "b": {"x": None, "y": 0.25}}, ["x", "y"])
+    lines = text.splitlines()
+    assert lines[0] == "| method | x | y | average |"
+    assert lines[2] == "| a | 0.500 | 1.000 | 0.750 |"
+    assert lines[3] == "| b | - | 0.250 | 0.250 |"
+
+
+def test_pick_oracle_takes_best_average_and_first_on_ties():
+    grid = {"g_0.1": {"x": 0.2, "y": 0.4}, "g_0.3": {"x": 0.5, "y": 0.5}, "g_0.5": {"x": 0.6, "y": 0.4}}
+    assert study.pick_oracle(grid) == "g_0.3"  # 0.5 == 0.5: the first listed wins
+    grid["g_1"] = {"x": 0.9, "y": None}
+    assert study.pick_oracle(grid) == "g_1"
+
+
+def test_linearity_error_zero_on_a_line_and_half_for_a_tent():
+    assert study.linearity_error([0, 0.5, 1], [1.0, 2.0, 3.0]) == pytest.approx(0.0)
+    # chord from 1 to 3; midpoint 3 instead of 2: gap 1 over a rise of 2
+    assert study.linearity_error([0, 0.5, 1], [1.0, 3.0, 3.0]) == pytest.approx(0.5)
+
+
+def test_every_study_recipe_is_valid_and_the_comparison_is_complete():
+    recipes = {**study.study_recipes("/b", ["/f1", "/f2"]), **study.grid_recipes("/b", ["/f1", "/f2"], (0.3, 1.0))}
+    for name, r in recipes.items():
+        parse_recipe(r, name)  # raises on anything invalid
+    methods = {r["merge_method"] for r in recipes.values()}
+    assert methods == {"metagpt", "task_arithmetic", "ties", "dare_ties", "linear"}
+    sparsified = {r.get("parameters", {}).get("sparsify") for r in recipes.values() if r["merge_method"] == "metagpt"}
+    assert sparsified == {None, "dare", "ties"}
+    assert recipes["task_arithmetic_0.3"]["parameters"]["lambda"] == 0.3
+    assert "base_model" not in recipes["linear"]  # the paper's weight average of the fine-tunes
