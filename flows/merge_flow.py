@@ -1,0 +1,121 @@
+"""``merge_flow``: pin the inputs, task vectors and norms per fine-tune, merge, evaluate, report, register.
+
+Run it as plain Python (Prefect's ephemeral mode, no server needed)::
+
+    python -m flows.merge_flow params/demo.yaml
+
+Every step is a cached, retryable task (``tasks/``); this file only composes them.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from flows import settings  # noqa: F401  (environment defaults before Prefect loads)
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks import steps
+from tasks.download import download
+from tasks.evaluate import evaluate, report
+from tasks.merge import merge
+from tasks.params import load_params
+from tasks.register import register
+from tasks.task_vectors import compute_norms, extract_task_vectors
+
+
+class StepStates:
+    """Runs tasks and remembers each run's final state name ("Completed", "Cached", ...)."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, str] = {}
+
+    def run(self, label: str, task, *args, refresh: bool = False, **kwargs):
+        t = task.with_options(task_run_name=label, refresh_cache=True if refresh else None)
+        state = t(*args, return_state=True, **kwargs)
+        self.states[label] = state.name
+        return state.result()
+
+    def submit(self, label: str, task, *args, **kwargs):
+        return label, task.with_options(task_run_name=label).submit(*args, **kwargs)
+
+    def gather(self, submitted) -> list:
+        out = []
+        for label, future in submitted:
+            future.wait()
+            self.states[label] = future.state.name
+            out.append(future.result())
+        return out
+
+
+def _artifact_key(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in f"metamerge-{name}".lower()).strip("-")[:80]
+
+
+@flow(name="metamerge-merge")
+def merge_flow(recipe: str | dict[str, Any] = "params/demo.yaml") -> dict[str, Any]:
+    """Merge the models of a params file (path or mapping); returns where the merge is and more.
+
+    The result: ``model_dir`` (the merged model), ``report_dir``, ``revision`` (content hash of the
+    merged files), ``lambdas``, ``summary`` (scores), ``registered`` and ``steps`` (each task run's
+    final state, e.g. ``{"compute_norms[ft-a]": "Cached"}``).
+    """
+    params = load_params(recipe)        # validated before any work starts
+    steps.check_inputs(params)
+    p = params.to_dict()
+    run = StepStates()
+
+    refs = steps.input_refs(params)
+    pins = dict(zip(refs, run.gather([run.submit(f"download[{r}]", download, r) for r in refs])))
+
+    sqnorms = {}
+    for ref in steps.fine_tunes(params):
+        if params.recipe.base_model:
+            run.run(f"extract_task_vectors[{ref}]", extract_task_vectors, p, pins, ref,
+                    refresh=not steps.task_vector_done(params, pins, ref))
+        if steps.needs_norms(params):
+            sqnorms[ref] = run.run(f"compute_norms[{ref}]", compute_norms, p, pins, ref)
+
+    # a cached result is a path: recompute if that merge was deleted since
+    out = steps.merge_dir(params, pins)
+    info = run.run("merge", merge, p, pins, sqnorms, refresh=steps.existing_merge(params, pins, out) is None)
+
+    scores = {}
+    if params.pipeline.eval_sets:
+        scores["merged"] = run.run("evaluate[merged]", evaluate, p, info["model_dir"], info["revision"])
+        for name, ref in steps.models_to_score(params, pins).items():
+            scores[name] = run.run(f"evaluate[{name}]", evaluate, p, pins[ref]["path"], pins[ref]["revision"])
+    rdir = steps.report_dir(params, info["model_dir"])
+    rep = run.run("report", report, p, info, scores,
+                  refresh=not steps.report_done(rdir, with_eval=bool(scores)))
+    registered = run.run("register", register, p, info, rep["summary"], sorted(rep["files"].values()))
+
+    create_markdown_artifact(steps.render_markdown(params, info, rep["summary"]), key=_artifact_key(params.name),
+                             description=f"metamerge: lambdas per layer and scores of {params.name}")
+    if rows := steps.score_rows(rep["summary"]):
+        create_table_artifact(rows, key=_artifact_key(f"{params.name}-scores"),
+                              description="per-task scores of the merged model, the base and the experts")
+    return {"model_dir": info["model_dir"], "report_dir": rep["dir"], "revision": info["revision"],
+            "lambdas": info["lambdas"], "summary": rep["summary"], "registered": registered,
+            "pins": {r: d["revision"] for r, d in pins.items()}, "steps": run.states}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from metamerge.errors import MergeError
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m flows.merge_flow PARAMS.yaml", file=sys.stderr)
+        return 2
+    try:
+        result = merge_flow(args[0])
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result["model_dir"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Quiet, offline-friendly defaults for every pipeline process, set once before Prefect is imported.
+
+Each value is a default (``os.environ.setdefault``): anything the user exported wins. Nothing here
+turns the hub off (``HF_HUB_OFFLINE``) or moves ``PREFECT_HOME``: the pipeline downloads models and
+may run against a user's own Prefect profile; the demo and the tests set those themselves.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULTS = {
+    "DO_NOT_TRACK": "true",                      # MLflow and others; MLflow wants "true", not 1
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # else the ephemeral server logs a failed call home
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # first start with a new database: ~20 s
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def apply() -> None:
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+apply()

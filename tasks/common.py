@@ -1,0 +1,33 @@
+"""What every Prefect task shares: the run logger, params re-validation, content cache keys."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prefect import get_run_logger
+
+from .params import Params, load_params
+
+
+def log() -> Callable[[str], None]:
+    """Progress lines go to the task run's logger (the UI, and the console in ephemeral mode)."""
+    return get_run_logger().info
+
+
+def load(params: dict[str, Any] | Params) -> Params:
+    """Tasks take params as a plain mapping (cheap to hand around, nothing to serialise) and
+    re-validate it: a task never runs on a recipe that did not pass validation."""
+    return load_params(params)
+
+
+def keyed(make_key: Callable[..., str]) -> Callable[[Any, dict[str, Any]], str]:
+    """A Prefect ``cache_key_fn`` from a function of the task's own parameters.
+
+    The key is the content the result depends on (never a path or a time), so the same inputs hit
+    the cache from any process that shares the result storage, and any changed input misses.
+    """
+    def cache_key(_context, parameters: dict[str, Any]) -> str:
+        return make_key(**parameters)
+
+    cache_key.__name__ = f"key_of_{make_key.__name__}"
+    return cache_key

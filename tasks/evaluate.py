@@ -1,0 +1,37 @@
+"""``evaluate`` (one model on every eval set) and ``report`` (the files DVC and the UI show)."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from . import steps
+from .common import keyed, load, log
+
+
+def _eval_key(params: dict, model_dir: str, revision: str) -> str:
+    # the revision is the model's content (a pinned input, or the merged model's file hashes)
+    return steps.eval_key(load(params), revision)
+
+
+@task(name="evaluate", cache_key_fn=keyed(_eval_key), persist_result=True)
+def evaluate(params: dict, model_dir: str, revision: str) -> dict[str, dict]:
+    """``{task: scores}`` of one model; base and experts are scored once per revision."""
+    return steps.evaluate(load(params), model_dir, revision, log=log())
+
+
+def _report_key(params: dict, info: dict, scores: dict) -> str:
+    p = load(params)
+    return "report-" + steps.digest({"merge": info["revision"], "scores": scores, "experts": p.pipeline.experts,
+                                     "dir": str(steps.report_dir(p, info["model_dir"])),
+                                     "code": steps.code_version("evaluate")})
+
+
+@task(name="report", cache_key_fn=keyed(_report_key), persist_result=True)
+def report(params: dict, info: dict, scores: dict) -> dict:
+    """merge.json, lambdas.csv/png, eval.json/csv, metrics.json, scores.png beside the merge."""
+    p = load(params)
+    out = steps.report_dir(p, info["model_dir"])
+    summary = steps.summarize(p, scores)
+    files = {**steps.write_merge_report(info, out), **steps.write_eval_report(summary, out)}
+    log()(f"report: {out}")
+    return {"dir": str(out), "files": files, "summary": summary}

@@ -1,0 +1,203 @@
+"""A pipeline params file (``params/*.yaml``, ``params.yaml``), validated before any work starts.
+
+::
+
+    recipe:            # the engine's recipe, mergekit's YAML format (see metamerge.recipe)
+      merge_method: metagpt
+      base_model: ...
+      models: [...]
+    pipeline:          # everything the orchestration adds; all optional
+      output_root: outputs
+      device: auto
+      eval_sets: {task: path/to/task.jsonl}
+      experts: {task: model reference}     # the fine-tune that is task's expert (for the objective)
+      registry: {model_name: ..., ...}    # modelregistry.config.RegistryConfig
+      watch: [ref, {dir: folder, parameters: {}}]
+      schedule: "0 3 * * *"
+      materialize_task_vectors: false
+
+Relative paths (model references, output_root, eval sets) are relative to the working directory,
+as for ``metamerge merge``. Every problem is one ``MergeError`` line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from metamerge.errors import MergeError
+from metamerge.recipe import Recipe, parse_recipe
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvalParams(_Strict):
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)
+    exact_match: bool = True
+
+
+class WatchDir(_Strict):
+    """A folder whose sub-folders are fine-tunes: one that appears joins the merge."""
+
+    dir: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class WatchRef(_Strict):
+    """One model reference (hub repo or folder) watched for new revisions; joins the merge if new."""
+
+    ref: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class PipelineParams(_Strict):
+    name: str | None = None
+    output_root: str = "outputs"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_sets: dict[str, str] = Field(default_factory=dict)
+    experts: dict[str, str] = Field(default_factory=dict)
+    eval: EvalParams = Field(default_factory=EvalParams)
+    registry: dict[str, Any] | None = None  # a modelregistry.config.RegistryConfig mapping
+    watch: list[str | WatchRef | WatchDir] = Field(default_factory=list)
+    schedule: str | None = None
+    materialize_task_vectors: bool = False
+    max_shard_size: str = "5GB"
+    data_dir: str | None = None            # DVC: the folder of local models and eval sets it tracks
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is not None:
+            from datetime import datetime
+
+            from cronsim import CronSim, CronSimError  # comes with Prefect
+
+            try:
+                CronSim(v, datetime(2000, 1, 1))
+            except CronSimError as exc:
+                raise ValueError(f"'{v}' is not a cron expression ({exc})") from None
+        return v
+
+    def watch_entries(self) -> list[WatchRef | WatchDir]:
+        return [WatchRef(ref=w) if isinstance(w, str) else w for w in self.watch]
+
+
+class _File(_Strict):
+    recipe: dict[str, Any]
+    pipeline: PipelineParams = Field(default_factory=PipelineParams)
+
+
+class Params(BaseModel):
+    """A validated params file: the engine's ``Recipe`` plus the pipeline settings."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    recipe: Recipe
+    pipeline: PipelineParams
+    source: str = "params"
+
+    @property
+    def name(self) -> str:
+        return self.pipeline.name or self.recipe.name or self.recipe.merge_method
+
+    @property
+    def output_root(self) -> Path:
+        return Path(self.pipeline.output_root).expanduser().absolute()
+
+    def recipe_text(self) -> str:
+        """The recipe as YAML, as it goes into the merged model's ``merge_recipe.yaml``."""
+        return yaml.safe_dump(self.recipe.model_dump(exclude_none=True, exclude_defaults=True), sort_keys=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain mapping that ``load_params`` accepts again (flow parameters, subflows)."""
+        return {"recipe": self.recipe.model_dump(exclude_none=True, exclude_defaults=True),
+                "pipeline": self.pipeline.model_dump(exclude_defaults=True)}
+
+    def with_models(self, extra: list[dict[str, Any]]) -> "Params":
+        """The same params with more fine-tunes appended to the recipe (the watcher's update)."""
+        data = self.to_dict()
+        data["recipe"]["models"] = list(data["recipe"]["models"]) + extra
+        return load_params(data, self.source)
+
+
+def _first_error(exc: ValidationError, source: str) -> MergeError:
+    errors = exc.errors()
+    # a union (watch entries) reports every alternative: an unknown key is the useful one
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("str", "WatchRef", "WatchDir"))]
+    where = ".".join(loc) or "params"
+    if err["type"] == "extra_forbidden":
+        return MergeError(f"{source}: unknown key '{where}': remove it or check its spelling")
+    if err["type"] == "missing":
+        return MergeError(f"{source}: missing required key '{where}'")
+    msg = err["msg"].removeprefix("Value error, ")
+    return MergeError(f"{source}: bad value for '{where}': {msg}")
+
+
+def load_params(params: "str | os.PathLike | Mapping[str, Any] | Params", source: str | None = None, *,
+                check_files: bool = True) -> Params:
+    """Read (if a path) and validate a params file; every problem is a one-line ``MergeError``.
+
+    ``check_files=False`` checks the schema only (eval-set files need not exist yet).
+    """
+    if isinstance(params, Params):
+        return params
+    if isinstance(params, (str, os.PathLike)):
+        path = Path(params)
+        source = source or str(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise MergeError(f"cannot read params file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise MergeError(f"{path}:{line} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    else:
+        data, source = params, source or "params"
+    if not isinstance(data, Mapping):
+        raise MergeError(f"{source}: a params file is a mapping with `recipe:` and `pipeline:`")
+    try:
+        raw = _File.model_validate(dict(data))
+    except ValidationError as exc:
+        raise _first_error(exc, source) from None
+    recipe = parse_recipe(raw.recipe, f"{source}: recipe")
+    _check(recipe, raw.pipeline, source, check_files)
+    return Params(recipe=recipe, pipeline=raw.pipeline, source=source)
+
+
+def registry_config(pipeline: PipelineParams, source: str = "params"):
+    """``pipeline.registry`` validated by the registry's own model (``RegistryConfig``), or None."""
+    if pipeline.registry is None:
+        return None
+    from modelregistry.config import RegistryConfig
+
+    try:
+        return RegistryConfig.model_validate(pipeline.registry)
+    except ValidationError as exc:
+        err = _first_error(exc, source)
+        raise MergeError(str(err).replace(f"{source}: ", f"{source}: pipeline.registry: ", 1)) from None
+
+
+def _check(recipe: Recipe, pipeline: PipelineParams, source: str, check_files: bool) -> None:
+    """Cross-field checks that pydantic alone cannot express."""
+    registry_config(pipeline, source)
+    for task, path in pipeline.eval_sets.items():
+        if check_files and not Path(path).expanduser().is_file():
+            raise MergeError(f"{source}: eval set '{task}': no such file {Path(path).absolute()}")
+    refs = {m.model for m in recipe.models}
+    for task, ref in pipeline.experts.items():
+        if task not in pipeline.eval_sets:
+            raise MergeError(f"{source}: experts: task '{task}' has no eval set under pipeline.eval_sets")
+        if ref not in refs:
+            raise MergeError(f"{source}: experts: '{ref}' (expert of '{task}') is not a model of the recipe")
+    if pipeline.experts and set(pipeline.experts) != set(pipeline.eval_sets):
+        missing = sorted(set(pipeline.eval_sets) - set(pipeline.experts))
+        raise MergeError(f"{source}: experts: no expert for task(s) {', '.join(missing)}; "
+                         "name one per eval set, or none")

@@ -1,0 +1,86 @@
+"""dvc.yaml in a temporary git repository: the stages run, a second repro does nothing, and the
+merged model round-trips through a local remote."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline_helpers import params_for
+
+REPO = Path(__file__).resolve().parents[2]
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+def sh(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def tree_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def test_dvc_repro_then_nothing_then_push_pull(tiny_models, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sh(["git", "init", "-q"], repo)
+    sh([DVC, "init", "-q"], repo)
+    sh([DVC, "config", "core.analytics", "false"], repo)
+    sh([DVC, "config", "core.check_update", "false"], repo)
+    sh([DVC, "remote", "add", "-d", "local", str(tmp_path / "remote")], repo)
+    # the project as the stages see it: its code (a dependency), its dvc.yaml, its venv
+    for name in ("metamerge", "tasks", "flows", "modelregistry"):
+        shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, repo / name)
+    (repo / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    data = repo / "data"
+    shutil.copytree(tiny_models["base"].parent, data)
+    # relative references, as a user writes them: the stages run in the repository root
+    rel = {k: Path("data") / Path(v).relative_to(tiny_models["base"].parent) for k, v in tiny_models.items()}
+    params = params_for(rel, Path("."), data_dir="data")
+    params["pipeline"]["output_root"] = "outputs"
+    rel = {k: str(v) for k, v in rel.items()}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    out = sh([DVC, "repro"], repo)
+    for stage in ("download", "task_vectors", "norms", "merge", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in out, out
+    work = repo / "outputs" / "dvc"
+    model = work / "model"
+    assert (model / "model.safetensors").is_file() and (work / "metrics.json").is_file()
+    assert (work / "lambdas.png").is_file() and (work / "scores.png").is_file()
+    metrics = sh([DVC, "metrics", "show"], repo)
+    assert "average_loss_difference" in metrics
+
+    again = sh([DVC, "repro"], repo)
+    assert "Running stage" not in again and "didn't change" in again, again
+    assert "up to date" in sh([DVC, "status"], repo)
+
+    before = tree_hash(model)
+    sh([DVC, "push"], repo)
+    shutil.rmtree(model)
+    sh([DVC, "pull"], repo)
+    assert tree_hash(model) == before
+
+    # one more fine-tune: the norms stage reruns, and computes only the new fine-tune's norms
+    params["recipe"]["models"].append({"model": rel["ft-d"]})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    norms_before = set((repo / "outputs" / ".cache" / "norms").iterdir())
+    out = sh([DVC, "repro", "norms"], repo)
+    assert "Running stage 'norms'" in out
+    assert len(set((repo / "outputs" / ".cache" / "norms").iterdir()) - norms_before) == 1
+    assert out.count("norms of ") == 3 + 2  # three read back, one computed (two lines)

@@ -1,0 +1,152 @@
+"""merge_flow end to end on tiny models, against a real (ephemeral) Prefect server.
+
+One first run is shared by the tests below; each later run checks what the cache must and must not
+serve: the same inputs from another process (all cached), a fourth fine-tune (only its norms
+computed), a changed recipe (the merge recomputed, the norms reused).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline_helpers import params_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def states(result: dict, prefix: str) -> dict[str, str]:
+    return {k: v for k, v in result["steps"].items() if k.startswith(prefix)}
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_models, tmp_path_factory, prefect_server):
+    from flows.merge_flow import merge_flow
+
+    root = tmp_path_factory.mktemp("flow")
+    params = params_for(tiny_models, root)
+    return params, merge_flow(params), root
+
+
+def test_first_run_writes_the_merge_and_its_reports(first_run, tiny_models):
+    params, result, root = first_run
+    assert set(result["steps"].values()) == {"Completed"}, result["steps"]
+    model = Path(result["model_dir"])
+    assert model.parent == root / "out" and model.name.startswith("tiny-")
+    for name in ("model.safetensors", "config.json", "provenance.json", "merge_report.json", "tokenizer.json"):
+        assert (model / name).is_file(), name
+    report = Path(result["report_dir"])
+    for name in ("merge.json", "lambdas.csv", "lambdas.png", "eval.json", "eval.csv", "metrics.json", "scores.png"):
+        assert (report / name).is_file(), name
+    refs = [str(tiny_models[f]) for f in ("ft-a", "ft-b", "ft-c")]
+    assert list(result["lambdas"]) == refs and abs(sum(result["lambdas"].values()) - 1) < 1e-9
+    summary = result["summary"]
+    assert set(summary["scores"]) == {"merged", "base", refs[0], refs[1]}
+    assert "average_loss_difference" in summary
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics["merged"]) == {"add", "rev"}
+    assert result["registered"]["registered"] is False  # no registry in these params
+
+
+def test_flow_output_is_bit_for_bit_the_engines(first_run, tmp_path):
+    from metamerge.engine import MergeOptions, merge
+    from metamerge.recipe import parse_recipe
+
+    params, result, _ = first_run
+    direct = tmp_path / "direct"
+    merge(parse_recipe(params["recipe"]), direct, MergeOptions(device="cpu", progress=False))
+    flow_dir = Path(result["model_dir"])
+    files = sorted(p.name for p in direct.glob("*.safetensors*")) + ["config.json", "merge_report.json"]
+    assert "model.safetensors" in files
+    for name in files:
+        assert (flow_dir / name).read_bytes() == (direct / name).read_bytes(), name
+
+
+def test_flow_publishes_an_artifact(first_run):
+    from prefect.artifacts import Artifact
+
+    art = Artifact.get("metamerge-tiny")
+    assert art is not None
+    assert "Lambdas per layer" in art.data and "layer 0" in art.data and "Scores per task" in art.data
+
+
+def test_second_run_in_another_process_is_all_cache_hits(first_run, prefect_server, tmp_path):
+    params, result, _ = first_run
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps(params))
+    code = ("import json, sys; from flows.merge_flow import merge_flow; "
+            "r = merge_flow(json.load(open(sys.argv[1]))); print('RESULT=' + json.dumps(r))")
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads(proc.stdout.split("RESULT=", 1)[1])
+    assert again["model_dir"] == result["model_dir"]
+    # pinning always runs (it is how a change is noticed); everything after it comes from the cache
+    assert set(states(again, "download").values()) == {"Completed"}
+    rest = {k: v for k, v in again["steps"].items() if not k.startswith("download")}
+    assert rest and set(rest.values()) == {"Cached"}, rest
+
+
+def test_a_fourth_fine_tune_computes_only_its_norms(first_run, tiny_models):
+    from flows.merge_flow import merge_flow
+
+    params, result, _ = first_run
+    p = copy.deepcopy(params)
+    p["recipe"]["models"].append({"model": str(tiny_models["ft-d"])})
+    again = merge_flow(p)
+    norms = states(again, "compute_norms")
+    new = f"compute_norms[{tiny_models['ft-d']}]"
+    assert norms.pop(new) == "Completed"
+    assert len(norms) == 3 and set(norms.values()) == {"Cached"}
+    assert again["steps"]["merge"] == "Completed" and again["model_dir"] != result["model_dir"]
+    assert again["steps"]["evaluate[base]"] == "Cached"  # the base did not change
+    assert len(again["lambdas"]) == 4
+
+
+def test_a_changed_recipe_recomputes_the_merge_only(first_run):
+    from flows.merge_flow import merge_flow
+
+    params, result, _ = first_run
+    p = copy.deepcopy(params)
+    p["recipe"]["out_dtype"] = "float16"
+    again = merge_flow(p)
+    assert set(states(again, "compute_norms").values()) == {"Cached"}
+    assert again["steps"]["merge"] == "Completed" and again["model_dir"] != result["model_dir"]
+    assert again["steps"]["evaluate[merged]"] == "Completed"
+
+
+def test_a_deleted_merge_is_recomputed_not_served_stale(first_run, tiny_models):
+    import shutil
+
+    from flows.merge_flow import merge_flow
+
+    params, result, _ = first_run
+    p = copy.deepcopy(params)
+    p["recipe"]["parameters"] = {"granularity": "model"}  # same merge, another recipe hash
+    once = merge_flow(p)
+    shutil.rmtree(once["model_dir"])
+    again = merge_flow(p)
+    assert again["steps"]["merge"] == "Completed"
+    assert (Path(again["model_dir"]) / "model.safetensors").is_file()
+
+
+def test_the_merge_is_registered_once(first_run, tmp_path):
+    from flows.merge_flow import merge_flow
+
+    params, result, _ = first_run
+    p = copy.deepcopy(params)
+    p["pipeline"]["registry"] = {"tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "model_name": "tiny-merged"}
+    once = merge_flow(p)
+    assert once["steps"]["merge"] == "Cached" and once["steps"]["register"] == "Completed"
+    reg = once["registered"]
+    assert reg["registered"] and reg["version"] == "1" and reg["model_uri"] == "models:/tiny-merged/1"
+    assert reg["decision"]["decision"] == "promoted"  # the first version becomes the champion
+    again = merge_flow(p)
+    assert again["steps"]["register"] == "Cached" and again["registered"]["version"] == "1"

@@ -1,0 +1,107 @@
+"""Params files, prefect.yaml and dvc.yaml: validated before any work, without a server."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metamerge.errors import MergeError
+from pipeline_helpers import params_for
+from tasks.params import load_params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "params").glob("*.yaml")) + [REPO / "params.yaml"],
+                         ids=lambda p: p.relative_to(REPO).as_posix())
+def test_repo_params_files_validate(path):
+    params = load_params(path, check_files=False)
+    assert params.recipe.models
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["pipeline"].update(outptu_root="x"), "unknown key 'pipeline.outptu_root'"),
+    (lambda d: d.update(pipline={}), "unknown key 'pipline'"),
+    (lambda d: d["pipeline"].update(watch=[{"dirr": "x"}]), "unknown key 'pipeline.watch.0.dirr'"),
+    (lambda d: d["pipeline"].update(registry={"model_nam": "x"}), "pipeline.registry: unknown key 'model_nam'"),
+    (lambda d: d["recipe"].update(slices=[]), "recipe: unknown key 'slices'"),
+    (lambda d: d["recipe"].update(merge_method="nope"), "unknown merge_method 'nope'"),
+    (lambda d: d["pipeline"].update(schedule="every day"), "not a cron expression"),
+    (lambda d: d["pipeline"].update(device="tpu"), "pipeline.device"),
+    (lambda d: d["pipeline"]["eval_sets"].update(add="/no/such.jsonl"), "eval set 'add': no such file"),
+    (lambda d: d["pipeline"]["experts"].update(add="/not/in/recipe"), "is not a model of the recipe"),
+])
+def test_bad_params_are_one_line_errors(tiny_models, tmp_path, change, message):
+    data = params_for(tiny_models, tmp_path)
+    bad = copy.deepcopy(data)
+    change(bad)
+    with pytest.raises(MergeError, match=message) as err:
+        load_params(bad, "p.yaml")
+    assert "\n" not in str(err.value) and str(err.value).startswith("p.yaml")
+    load_params(data)  # the unchanged params are fine
+
+
+def test_params_round_trip_keeps_the_recipe_hash(tiny_models, tmp_path):
+    params = load_params(params_for(tiny_models, tmp_path))
+    assert load_params(params.to_dict()).recipe.sha256() == params.recipe.sha256()
+
+
+def test_prefect_yaml_parses_and_its_entrypoints_load():
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.flows import load_flow_from_entrypoint
+
+    raw = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    config = PrefectYamlModel.model_validate(raw)
+    names = {d.name for d in config.deployments}
+    assert names == {"nightly-merge", "watcher"}
+    demo = load_params(REPO / "params" / "demo.yaml", check_files=False)
+    for d in config.deployments:
+        flow = load_flow_from_entrypoint(str(REPO / d.entrypoint))
+        assert flow.name in ("metamerge-merge", "metamerge-watch")
+        assert d.work_pool.name == "metamerge"
+        assert (REPO / d.parameters["recipe"]).is_file()
+        assert set(d.parameters) <= set(flow.parameters.properties)
+    nightly = next(d for d in config.deployments if d.name == "nightly-merge")
+    assert nightly.schedules[0].cron == demo.pipeline.schedule  # one schedule, said twice
+
+
+def test_dvc_yaml_stages_call_the_stage_cli():
+    from flows.stages import STAGES
+
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        words = stage["cmd"].split()
+        assert words[:3] == ["${python}", "-m", "flows.stages"], name
+        assert words[3] in STAGES and words[4] == "params.yaml", name
+
+
+def test_stage_cli_reports_errors_in_one_line(tmp_path, capsys):
+    from flows.stages import main
+
+    (tmp_path / "p.yaml").write_text("recipe: {merge_method: metagpt}\npipeline: {nope: 1}\n")
+    assert main(["validate", str(tmp_path / "p.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "unknown key 'pipeline.nope'" in err
+
+
+def test_task_vectors_are_base_free_deltas_when_materialised(tiny_models, tmp_path):
+    from safetensors.torch import load_file
+
+    from tasks import steps
+
+    params = load_params(params_for(tiny_models, tmp_path, materialize_task_vectors=True))
+    pins = {ref: steps.pin(ref) for ref in steps.input_refs(params)}
+    ref = str(tiny_models["ft-a"])
+    info = steps.task_vectors(params, pins, ref)
+    assert info["materialized"] and steps.task_vector_done(params, pins, ref)
+    tau = load_file(Path(info["path"]) / "model.safetensors")
+    base = load_file(tiny_models["base"] / "model.safetensors")
+    ft = load_file(tiny_models["ft-a"] / "model.safetensors")
+    assert set(tau) == set(base)
+    for name in base:
+        assert (tau[name] == ft[name] - base[name]).all(), name
+    streamed = steps.task_vectors(load_params(params_for(tiny_models, tmp_path)), pins, ref)
+    assert not streamed["materialized"] and streamed["path"] is None
