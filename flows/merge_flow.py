@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks import steps
 from tasks.download import download
-from tasks.evaluate import evaluate, report
+from tasks.evaluate import benchmark, evaluate, report
 from tasks.merge import merge
 from tasks.params import load_params
 from tasks.register import register
@@ -86,8 +86,11 @@ def merge_flow(recipe: str | dict[str, Any] = "params/demo.yaml") -> dict[str, A
         scores["merged"] = run.run("evaluate[merged]", evaluate, p, info["model_dir"], info["revision"])
         for name, ref in steps.models_to_score(params, pins).items():
             scores[name] = run.run(f"evaluate[{name}]", evaluate, p, pins[ref]["path"], pins[ref]["revision"])
+    benchmarks = None
+    if params.pipeline.eval.lm_eval is not None:
+        benchmarks = run.run("benchmark[merged]", benchmark, p, info["model_dir"], info["revision"])
     rdir = steps.report_dir(params, info["model_dir"])
-    rep = run.run("report", report, p, info, scores,
+    rep = run.run("report", report, p, info, scores, benchmarks,
                   refresh=not steps.report_done(rdir, with_eval=bool(scores)))
     registered = run.run("register", register, p, info, rep["summary"], sorted(rep["files"].values()))
 

@@ -75,7 +75,8 @@ def run_stage(stage: str, params: Params, workdir: Path) -> None:
         scores = {"merged": steps.evaluate(params, info["model_dir"], info["revision"], _log)}
         for name, ref in steps.models_to_score(params, pins).items():
             scores[name] = steps.evaluate(params, pins[ref]["path"], pins[ref]["revision"], _log)
-        steps.write_eval_report(steps.summarize(params, scores), workdir)
+        benchmarks = steps.benchmark(params, info["model_dir"], info["revision"], _log)
+        steps.write_eval_report(steps.summarize(params, scores, benchmarks), workdir)
     elif stage == "register":
         info = steps.merge_info(workdir / "model")
         summary = steps.read_json(workdir / "eval.json") or {}

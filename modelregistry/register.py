@@ -245,6 +245,10 @@ def score_metrics(scores: Mapping[str, Mapping[str, Any]], summary: Mapping[str,
     for k, v in summary.items():
         if (x := _number(v)) is not None:
             out.setdefault(_key(_SUMMARY_ALIASES.get(k, k)), x)
+    for bench, values in (summary.get("lm_eval") or {}).items():  # lm-evaluation-harness results
+        for k, v in (values or {}).items():
+            if (x := _number(v)) is not None:
+                out[f"lm_eval.{_key(str(bench))}.{_key(str(k))}"] = x
     return out
 
 

@@ -19,19 +19,32 @@ def evaluate(params: dict, model_dir: str, revision: str) -> dict[str, dict]:
     return steps.evaluate(load(params), model_dir, revision, log=log())
 
 
-def _report_key(params: dict, info: dict, scores: dict) -> str:
+def _benchmark_key(params: dict, model_dir: str, revision: str) -> str:
     p = load(params)
-    return "report-" + steps.digest({"merge": info["revision"], "scores": scores, "experts": p.pipeline.experts,
+    return "lm-eval-" + steps.digest({"model": revision, "settings": p.pipeline.eval.model_dump(),
+                                      "device": steps.device_type(p)})
+
+
+@task(name="benchmark", cache_key_fn=keyed(_benchmark_key), persist_result=True)
+def benchmark(params: dict, model_dir: str, revision: str) -> dict[str, dict]:
+    """lm-evaluation-harness results of one model (``pipeline.eval.lm_eval``), once per revision."""
+    return steps.benchmark(load(params), model_dir, revision, log=log())
+
+
+def _report_key(params: dict, info: dict, scores: dict, benchmarks: dict | None = None) -> str:
+    p = load(params)
+    return "report-" + steps.digest({"merge": info["revision"], "scores": scores, "lm_eval": benchmarks or {},
+                                     "experts": p.pipeline.experts,
                                      "dir": str(steps.report_dir(p, info["model_dir"])),
                                      "code": steps.code_version("evaluate")})
 
 
 @task(name="report", cache_key_fn=keyed(_report_key), persist_result=True)
-def report(params: dict, info: dict, scores: dict) -> dict:
+def report(params: dict, info: dict, scores: dict, benchmarks: dict | None = None) -> dict:
     """merge.json, lambdas.csv/png, eval.json/csv, metrics.json, scores.png beside the merge."""
     p = load(params)
     out = steps.report_dir(p, info["model_dir"])
-    summary = steps.summarize(p, scores)
+    summary = steps.summarize(p, scores, benchmarks)
     files = {**steps.write_merge_report(info, out), **steps.write_eval_report(summary, out)}
     log()(f"report: {out}")
     return {"dir": str(out), "files": files, "summary": summary}

@@ -22,6 +22,7 @@ as for ``metamerge merge``. Every problem is one ``MergeError`` line.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -37,10 +38,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LmEvalParams(_Strict):
+    """Standard benchmarks by EleutherAI's lm-evaluation-harness (optional: the user installs it)."""
+
+    tasks: list[str] = Field(min_length=1)
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: float | None = Field(None, gt=0)    # examples per task (a fraction if < 1), for quick runs
+    batch_size: int = Field(8, ge=1)
+
+
 class EvalParams(_Strict):
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)
     exact_match: bool = True
+    lm_eval: LmEvalParams | None = None        # the merged model on these benchmarks too
 
 
 class WatchDir(_Strict):
@@ -188,6 +199,9 @@ def registry_config(pipeline: PipelineParams, source: str = "params"):
 def _check(recipe: Recipe, pipeline: PipelineParams, source: str, check_files: bool) -> None:
     """Cross-field checks that pydantic alone cannot express."""
     registry_config(pipeline, source)
+    if check_files and pipeline.eval.lm_eval is not None and importlib.util.find_spec("lm_eval") is None:
+        raise MergeError(f"{source}: pipeline.eval.lm_eval names benchmarks but lm-evaluation-harness is not "
+                         "installed: .venv/bin/pip install lm-eval, or remove pipeline.eval.lm_eval")
     for task, path in pipeline.eval_sets.items():
         if check_files and not Path(path).expanduser().is_file():
             raise MergeError(f"{source}: eval set '{task}': no such file {Path(path).absolute()}")

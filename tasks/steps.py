@@ -133,7 +133,7 @@ def merge_key(params: Params, pins: dict[str, dict], device: str | None = None) 
 
 def eval_key(params: Params, revision: str, device: str | None = None) -> str:
     sets = {t: sha256_file(Path(p)) for t, p in params.pipeline.eval_sets.items()}
-    return "eval-" + digest({"model": revision, "sets": sets, "settings": params.pipeline.eval.model_dump(),
+    return "eval-" + digest({"model": revision, "sets": sets, "settings": params.pipeline.eval.model_dump(exclude={"lm_eval"}),
                              "device": device or device_type(params), "code": code_version("evaluate")})
 
 
@@ -365,6 +365,31 @@ def evaluate(params: Params, model_dir: str | Path, revision: str, log: Log = _q
     return out
 
 
+def benchmark(params: Params, model_dir: str | Path, revision: str, log: Log = _quiet) -> dict[str, dict]:
+    """lm-evaluation-harness results ``{benchmark: {metric: value}}`` of one model, stored by revision.
+
+    Only when ``pipeline.eval.lm_eval`` names benchmarks (the harness is the user's to install, and
+    its datasets to have); ``{}`` otherwise.
+    """
+    from metamerge.evaluate import run_lm_eval
+
+    cfg = params.pipeline.eval.lm_eval
+    if cfg is None:
+        return {}
+    key = "lm-eval-" + digest({"model": revision, "settings": cfg.model_dump(), "device": device_type(params)})
+    path = _cache_file(params, "lm_eval", key)
+    if (cached := read_json(path)) is not None:
+        log(f"lm-eval {Path(model_dir).name}: from {path.name}")
+        return cached["results"]
+    log(f"lm-eval {Path(model_dir).name} on {', '.join(cfg.tasks)}")
+    limit = cfg.limit if cfg.limit is None or cfg.limit < 1 else int(cfg.limit)
+    results = run_lm_eval(model_dir, cfg.tasks, device=params.pipeline.device, batch_size=cfg.batch_size,
+                          num_fewshot=cfg.num_fewshot, limit=limit)
+    results = json.loads(json.dumps(results, default=str))  # the harness mixes in non-JSON values
+    _write_json(path, {"key": key, "model": str(model_dir), "revision": revision, "results": results})
+    return results
+
+
 def models_to_score(params: Params, pins: dict[str, dict]) -> dict[str, str]:
     """Name -> reference of the inputs scored beside the merge: the base and each task's expert."""
     out = {}
@@ -375,8 +400,16 @@ def models_to_score(params: Params, pins: dict[str, dict]) -> dict[str, str]:
     return out
 
 
-def summarize(params: Params, scores: dict[str, dict[str, dict]]) -> dict:
-    """The evaluation summary (``eval.json``): scores per model and, with experts, MetaGPT's objective."""
+def summarize(params: Params, scores: dict[str, dict[str, dict]], benchmarks: dict | None = None) -> dict:
+    """The evaluation summary (``eval.json``): scores per model and, with experts, MetaGPT's objective;
+    ``lm_eval``: the merged model's benchmark results, when there are any."""
+    summary = _summarize_scores(params, scores)
+    if benchmarks:
+        summary["lm_eval"] = benchmarks
+    return summary
+
+
+def _summarize_scores(params: Params, scores: dict[str, dict[str, dict]]) -> dict:
     from metamerge.evaluate import TaskScores
     from metamerge.evaluate import summarize as core_summarize
 
@@ -448,8 +481,11 @@ def write_eval_report(summary: dict, out_dir: str | Path) -> dict[str, str]:
     from metamerge.plots import plot_scores
 
     out = Path(out_dir)
-    if not summary:
-        return {"metrics": str(_write_json(out / "metrics.json", {}))}
+    if not summary.get("scores"):  # no eval sets: benchmark results at most
+        files = {"metrics": str(_write_json(out / "metrics.json", {}))}
+        if summary:
+            files["json"] = str(_write_json(out / "eval.json", summary))
+        return files
     files = {k: str(v) for k, v in write_eval_outputs(out, summary).items()}
     merged = summary["scores"][summary["merged"]]
     metrics = {"merged": {t: {"loss": s["loss"], "exact_match": s.get("exact_match")} for t, s in merged.items()}}
