@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.merge_flow import merge_flow
+from tasks.common import keyed
 from metamerge import study
 from metamerge.atomic import write_text_atomic
 
@@ -35,7 +36,19 @@ def build_scenario(root: str, size: str, seed: int) -> dict:
             "build_seconds": m.build_seconds}
 
 
-@task(name="linearity_check")
+def _linearity_key(base: str, finetuned: dict[str, str], eval_sets: dict[str, str]) -> str:
+    # content, not paths: the models' file hashes, the eval sets, the alphas and the code that measures
+    from metamerge.refs import hash_model_dir, sha256_file
+    from tasks import steps
+
+    return "linearity-" + steps.digest({
+        "base": hash_model_dir(Path(base))[0],
+        "finetuned": {t: hash_model_dir(Path(p))[0] for t, p in finetuned.items()},
+        "eval_sets": {t: sha256_file(Path(p)) for t, p in eval_sets.items()},
+        "alphas": ALPHAS, "code": [steps.code_version("evaluate"), sha256_file(Path(study.__file__))]})
+
+
+@task(name="linearity_check", cache_key_fn=keyed(_linearity_key), persist_result=True)
 def linearity_check(base: str, finetuned: dict[str, str], eval_sets: dict[str, str]) -> dict[str, list[float]]:
     """Loss of theta_0 + alpha * tau_t on task t's own set, for each alpha in ALPHAS."""
     from metamerge.evaluate import load_eval_set
