@@ -5,6 +5,8 @@ Run by hand (not a test):
 
     .venv/bin/python bench/bench_merge.py --params 200M 1B --finetunes 3 --workdir /tmp/mm-bench
 
+Each run starts with its inputs in the page cache (read once just before it; --cold to skip that).
+
 It builds a synthetic Llama-style model of each size (bf16, sharded safetensors written with
 `safetensors.torch.save_file`, loadable by transformers) plus N fine-tunes (base + seeded noise),
 once, and reuses them. Each merge runs in its own process; peak RSS is that process's
@@ -119,6 +121,18 @@ def recipe_for(method: str, dirs: list[Path]) -> dict:
     return recipe
 
 
+def warm_page_cache(dirs: list[Path]) -> None:
+    """Read every input file once, so that each tool starts with its inputs in the page cache.
+
+    Without it the first tool of a size pays for the disk and the last one does not: the order of
+    the jobs, not the tools, would decide the comparison.
+    """
+    for f in sorted(f for d in dirs for f in d.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(1 << 26):
+                pass
+
+
 def dir_gb(dirs: list[Path]) -> float:
     return sum(f.stat().st_size for d in dirs for f in d.glob("*.safetensors")) / 1e9
 
@@ -131,6 +145,8 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mm-bench"))
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--cold", action="store_true",
+                    help="do not read the inputs into the page cache before each run (then job order matters)")
     args = ap.parse_args()
 
     metamerge = str(Path(sys.executable).with_name("metamerge"))
@@ -158,6 +174,8 @@ def main() -> int:
             out = args.workdir / "out" / f"{size}-{label.replace(':', '_')}"
             shutil.rmtree(out, ignore_errors=True)
             cmd = [c.replace("{recipe}", str(rpath)).replace("{out}", str(out)) for c in template]
+            if not args.cold:
+                warm_page_cache(dirs)
             wall, rss, rc = run_measured(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             row = {"size": size, "tool": label, "wall_s": round(wall, 2), "input_GB_per_s": round(in_gb / wall, 3),
                    "peak_rss_GiB": round(rss, 3), "rc": rc}
