@@ -104,20 +104,24 @@ def merge_flow(recipe: str | dict[str, Any] = "params/demo.yaml") -> dict[str, A
             "pins": {r: d["revision"] for r, d in pins.items()}, "steps": run.states}
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_from_command_line(module: str, argv: list[str] | None, run) -> int:
+    """``python -m MODULE PARAMS.yaml``: ``run(path)`` returns the line to print; errors are one line."""
     from metamerge.errors import MergeError
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m flows.merge_flow PARAMS.yaml", file=sys.stderr)
+        print(f"usage: python -m {module} PARAMS.yaml", file=sys.stderr)
         return 2
     try:
-        result = merge_flow(args[0])
+        print(run(args[0]))
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(result["model_dir"])
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_from_command_line("flows.merge_flow", argv, lambda path: merge_flow(path)["model_dir"])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any
 from flows import settings  # noqa: F401  (environment defaults before Prefect loads)
 from prefect import flow, get_run_logger
 
-from flows.merge_flow import StepStates, merge_flow
+from flows.merge_flow import StepStates, merge_flow, run_from_command_line
 from tasks import steps
 from tasks.download import download
 from tasks.params import load_params
@@ -46,19 +46,11 @@ def watch_flow(recipe: str | dict[str, Any] = "params/demo.yaml") -> dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    from metamerge.errors import MergeError
+    def run(path: str) -> str:
+        result = watch_flow(path)
+        return ("merged: " if result["changed"] else "up to date: ") + result["model_dir"]
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m flows.watch_flow PARAMS.yaml", file=sys.stderr)
-        return 2
-    try:
-        result = watch_flow(args[0])
-    except MergeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(("merged: " if result["changed"] else "up to date: ") + result["model_dir"])
-    return 0
+    return run_from_command_line("flows.watch_flow", argv, run)
 
 
 if __name__ == "__main__":

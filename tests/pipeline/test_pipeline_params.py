@@ -105,3 +105,16 @@ def test_task_vectors_are_base_free_deltas_when_materialised(tiny_models, tmp_pa
         assert (tau[name] == ft[name] - base[name]).all(), name
     streamed = steps.task_vectors(load_params(params_for(tiny_models, tmp_path)), pins, ref)
     assert not streamed["materialized"] and streamed["path"] is None
+
+
+@pytest.mark.parametrize("module", ["flows.merge_flow", "flows.watch_flow"])
+def test_flow_command_lines_report_usage_and_errors_in_one_line(module, tmp_path, capsys, prefect_server):
+    import importlib
+
+    main = importlib.import_module(module).main
+    assert main([]) == 2
+    assert capsys.readouterr().err.strip() == f"usage: python -m {module} PARAMS.yaml"
+    (tmp_path / "p.yaml").write_text("recipe: {merge_method: metagpt}\npipeline: {nope: 1}\n")
+    assert main([str(tmp_path / "p.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "unknown key 'pipeline.nope'" in err
