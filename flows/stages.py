@@ -2,9 +2,10 @@
 
     python -m flows.stages STAGE PARAMS.yaml [--dir DIR]
 
-STAGE is one of validate, download, task-vectors, norms, merge, evaluate, register. Stages hand
+STAGE is one of scenario, validate, download, task-vectors, norms, merge, evaluate, register. Stages hand
 each other small files in DIR (default ``<output_root>/dvc``)::
 
+    scenario      -> <data_dir>           the demo's models and eval sets (only with pipeline.scenario)
     download      -> pins.json            every input reference pinned (revision, path, file hashes)
     task-vectors  -> task_vectors.json    streamed, or where each materialised tau_t lies
     norms         -> norms.json           ||tau_t||^2 per fine-tune and tensor
@@ -31,7 +32,7 @@ from metamerge.errors import MergeError
 from tasks import steps
 from tasks.params import Params, load_params
 
-STAGES = ("validate", "download", "task-vectors", "norms", "merge", "evaluate", "register")
+STAGES = ("scenario", "validate", "download", "task-vectors", "norms", "merge", "evaluate", "register")
 
 
 def _log(msg: str) -> None:
@@ -49,7 +50,28 @@ def _read(path: Path, stage: str) -> Any:
         raise MergeError(f"{path} is missing: run the '{stage}' stage first (dvc repro runs them in order)") from None
 
 
+def build_data(params: Params) -> None:
+    """The ``scenario`` stage: build the demo scenario into ``data_dir`` (reused when already built
+    with the same settings), or, without ``pipeline.scenario``, check that ``data_dir`` is there."""
+    p = params.pipeline
+    if p.data_dir is None:
+        raise MergeError(f"{params.source}: pipeline.data_dir is not set: DVC needs the folder of the inputs")
+    if p.scenario is None:
+        if not Path(p.data_dir).is_dir():
+            raise MergeError(f"{params.source}: pipeline.data_dir {p.data_dir} does not exist: put the models "
+                             "there, or set pipeline.scenario to build the demo's")
+        _log(f"{p.data_dir}: given (no pipeline.scenario to build)")
+        return
+    from metamerge.scenario.build import build_scenario
+
+    m = build_scenario(p.data_dir, size=p.scenario.size, seed=p.scenario.seed, progress=False)
+    _log(f"{p.data_dir}: scenario {m.size}, seed {m.seed}, {m.num_parameters} parameters per model")
+
+
 def run_stage(stage: str, params: Params, workdir: Path) -> None:
+    if stage == "scenario":
+        build_data(params)
+        return
     if stage == "validate":
         steps.check_inputs(params)
         _log(f"{params.source}: valid ({params.recipe.merge_method}, {len(steps.fine_tunes(params))} model(s))")
@@ -96,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", help="where stages exchange files (default: <output_root>/dvc)")
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params)
+        # the scenario stage makes the eval sets the other stages check for
+        params = load_params(args.params, check_files=args.stage != "scenario")
         workdir = Path(args.dir) if args.dir else params.output_root / "dvc"
         run_stage(args.stage, params, workdir)
     except MergeError as exc:

@@ -68,6 +68,13 @@ class WatchRef(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+class ScenarioParams(_Strict):
+    """The demo's scenario (``metamerge.scenario``), built into ``data_dir`` by DVC's first stage."""
+
+    size: Literal["demo", "tiny"] = "demo"
+    seed: int = 0
+
+
 class PipelineParams(_Strict):
     name: str | None = None
     output_root: str = "outputs"
@@ -81,6 +88,7 @@ class PipelineParams(_Strict):
     materialize_task_vectors: bool = False
     max_shard_size: str = "5GB"
     data_dir: str | None = None            # DVC: the folder of local models and eval sets it tracks
+    scenario: ScenarioParams | None = None  # DVC: build the demo scenario into data_dir first
 
     @field_validator("schedule")
     @classmethod

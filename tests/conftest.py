@@ -50,3 +50,12 @@ def tiny_llama_tied_head(tiny_models_root):
     """Llama, float32, tied, with ``lm_head.weight`` stored too (equal to the embedding)."""
     return build_family(tiny_models_root, "llama_tied_head", arch="llama", dtype=torch.float32,
                         tied=True, n_finetunes=2, seed=4, explicit_head=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_scenario(tmp_path_factory):
+    """The demo's scenario at its ``tiny`` size (trained here, ~40 s), built once for every test that
+    needs real fine-tunes of different skills. Copy it before changing anything in it."""
+    from metamerge.scenario.build import build_scenario
+
+    return build_scenario(tmp_path_factory.mktemp("scenario") / "tiny", size="tiny", seed=0, progress=False)

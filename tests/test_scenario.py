@@ -102,11 +102,8 @@ def test_unknown_skill_names_are_rejected():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from metamerge.scenario.build import build_scenario
-
-    out = tmp_path_factory.mktemp("scenario") / "tiny"
-    return build_scenario(out, size="tiny", seed=0, progress=False)
+def tiny(tiny_scenario):
+    return tiny_scenario
 
 
 def test_tiny_build_writes_every_artifact(tiny):

@@ -118,3 +118,36 @@ def test_flow_command_lines_report_usage_and_errors_in_one_line(module, tmp_path
     assert main([str(tmp_path / "p.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "unknown key 'pipeline.nope'" in err
+
+
+def test_scenario_stage_reuses_an_up_to_date_build_in_data_dir(tiny_scenario, tmp_path, capsys):
+    import shutil
+
+    from flows.stages import run_stage
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_scenario.root, data)
+    stamp = (data / "scenario.json").stat().st_mtime_ns
+    recipe = {"merge_method": "metagpt", "base_model": str(data / "base"),
+              "models": [{"model": str(data / "ft-sort")}]}
+    params = load_params({"recipe": recipe, "pipeline": {"data_dir": str(data), "scenario": {"size": "tiny"}}})
+    run_stage("scenario", params, tmp_path / "work")
+    assert (data / "scenario.json").stat().st_mtime_ns == stamp  # same settings: not rebuilt
+    assert "scenario tiny, seed 0" in capsys.readouterr().err
+    # other settings than the build's: it would rebuild; a seed is part of what must match
+    from metamerge.scenario.build import _build_params, _cached
+
+    assert _cached(data, _build_params("tiny", 1)) is None
+
+
+def test_scenario_stage_without_a_scenario_needs_the_data_dir(tmp_path, capsys):
+    from flows.stages import main
+
+    recipe = "recipe: {merge_method: metagpt, base_model: b, models: [{model: f}]}\n"
+    (tmp_path / "p.yaml").write_text(recipe + f"pipeline: {{data_dir: {tmp_path / 'nope'}}}\n")
+    assert main(["scenario", str(tmp_path / "p.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pipeline.data_dir" in err and "does not exist" in err
+    (tmp_path / "p.yaml").write_text(recipe + "pipeline: {scenario: {size: huge}}\n")
+    assert main(["scenario", str(tmp_path / "p.yaml")]) == 2
+    assert "pipeline.scenario.size" in capsys.readouterr().err

@@ -10,10 +10,14 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def study_result(prefect_server, tmp_path_factory):
+def study_result(prefect_server, tmp_path_factory, tiny_scenario):
+    import shutil
+
     from flows.study import study_flow
 
     root = tmp_path_factory.mktemp("study")
+    # the session's tiny build, which the flow finds up to date instead of training it again
+    shutil.copytree(tiny_scenario.root, root / "scenario")
     result = study_flow(workdir=str(root), size="tiny", seed=0, tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
                         grid=[0.3, 1.0])
     return root, result
