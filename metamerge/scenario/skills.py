@@ -103,35 +103,32 @@ class Addition(Skill):
         return str(int(a) + int(b))
 
 
-class Reverse(Skill):
+class _WordSkill(Skill):
+    """A skill whose input is one random string of ``min_len``-``max_len`` letters."""
+
+    def __init__(self, min_len: int = 3, max_len: int = 6) -> None:
+        self.min_len = min_len
+        self.max_len = max_len
+
+    def sample_input(self, rng: random.Random) -> str:
+        return _random_word(rng, self.min_len, self.max_len)
+
+
+class Reverse(_WordSkill):
     """``rev abcd=`` -> ``dcba``: reverse a random string of 3-6 letters."""
 
     name = "reverse"
     prefix = "rev"
 
-    def __init__(self, min_len: int = 3, max_len: int = 6) -> None:
-        self.min_len = min_len
-        self.max_len = max_len
-
-    def sample_input(self, rng: random.Random) -> str:
-        return _random_word(rng, self.min_len, self.max_len)
-
     def answer(self, text: str) -> str:
         return text[::-1]
 
 
-class Sort(Skill):
+class Sort(_WordSkill):
     """``sort dbca=`` -> ``abcd``: the letters of a 3-6 letter string in order."""
 
     name = "sort"
     prefix = "sort"
-
-    def __init__(self, min_len: int = 3, max_len: int = 6) -> None:
-        self.min_len = min_len
-        self.max_len = max_len
-
-    def sample_input(self, rng: random.Random) -> str:
-        return _random_word(rng, self.min_len, self.max_len)
 
     def answer(self, text: str) -> str:
         return "".join(sorted(text))
