@@ -20,9 +20,7 @@ def evaluate(params: dict, model_dir: str, revision: str) -> dict[str, dict]:
 
 
 def _benchmark_key(params: dict, model_dir: str, revision: str) -> str:
-    p = load(params)
-    return "lm-eval-" + steps.digest({"model": revision, "settings": p.pipeline.eval.model_dump(),
-                                      "device": steps.device_type(p)})
+    return steps.benchmark_key(load(params), revision)
 
 
 @task(name="benchmark", cache_key_fn=keyed(_benchmark_key), persist_result=True)

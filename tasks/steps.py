@@ -365,6 +365,13 @@ def evaluate(params: Params, model_dir: str | Path, revision: str, log: Log = _q
     return out
 
 
+def benchmark_key(params: Params, revision: str) -> str:
+    """What a benchmark result depends on: the model's content, the harness settings, the device."""
+    cfg = params.pipeline.eval.lm_eval
+    return "lm-eval-" + digest({"model": revision, "settings": cfg.model_dump() if cfg else None,
+                                "device": device_type(params)})
+
+
 def benchmark(params: Params, model_dir: str | Path, revision: str, log: Log = _quiet) -> dict[str, dict]:
     """lm-evaluation-harness results ``{benchmark: {metric: value}}`` of one model, stored by revision.
 
@@ -376,7 +383,7 @@ def benchmark(params: Params, model_dir: str | Path, revision: str, log: Log = _
     cfg = params.pipeline.eval.lm_eval
     if cfg is None:
         return {}
-    key = "lm-eval-" + digest({"model": revision, "settings": cfg.model_dump(), "device": device_type(params)})
+    key = benchmark_key(params, revision)
     path = _cache_file(params, "lm_eval", key)
     if (cached := read_json(path)) is not None:
         log(f"lm-eval {Path(model_dir).name}: from {path.name}")
