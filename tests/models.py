@@ -196,6 +196,16 @@ def derive(src: Path, dst: Path, edit: Callable[[dict], None] | None = None, *, 
     return write_state(dst, state, config_edit=config_edit)
 
 
+def pickled(src: Path, dst: Path, file: str = "pytorch_model.bin", wrap: Callable[[dict], object] | None = None) -> Path:
+    """A copy of model ``src`` at ``dst`` whose weights are a pickle checkpoint ``file`` instead of
+    safetensors: the state itself, or ``wrap(state)`` (e.g. a training checkpoint around it)."""
+    path = derive(src, dst)
+    state = load_state(path)
+    (path / "model.safetensors").unlink()
+    torch.save(state if wrap is None else wrap(state), path / file)
+    return path
+
+
 def write_recipe(path: Path, recipe: dict) -> Path:
     path = Path(path)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))

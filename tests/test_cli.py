@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from metamerge.cli import main
-from models import assert_nothing_written, load_state, run_merge, write_recipe
+from models import assert_nothing_written, load_state, pickled, run_merge, write_recipe
 
 
 def recipe_for(fam, **top):
@@ -108,13 +108,8 @@ def test_existing_output_and_overwrite(tiny_llama_bf16, tmp_path, capsys):
 
 
 def test_allow_pickle_flag(tiny_llama_bf16, tmp_path, capsys):
-    from models import derive
-
     fam = tiny_llama_bf16
-    pk = derive(fam.finetunes[1], tmp_path / "pk")
-    state = load_state(pk)
-    (pk / "model.safetensors").unlink()
-    torch.save(state, pk / "pytorch_model.bin")
+    pk = pickled(fam.finetunes[1], tmp_path / "pk")
     recipe = recipe_for(fam)
     recipe["models"][1]["model"] = str(pk)
     path = write_recipe(tmp_path / "recipe.yaml", recipe)

@@ -10,7 +10,7 @@ import torch
 
 from metamerge.errors import MergeError
 from metamerge.io.writer import ShardedWriter
-from models import assert_nothing_written, derive, load_state, run_merge
+from models import assert_nothing_written, derive, load_state, pickled, run_merge
 
 
 def metagpt(fam, models=None, **params):
@@ -220,10 +220,7 @@ def test_shard_named_in_index_is_missing(tiny_llama_fp32, tmp_path):
 
 
 def test_pickle_refused_without_opt_in(tiny_llama_fp32, tmp_path):
-    pk = damaged(tiny_llama_fp32, tmp_path, None)
-    state = load_state(pk)
-    (pk / "model.safetensors").unlink()
-    torch.save(state, pk / "pytorch_model.bin")
+    pk = pickled(tiny_llama_fp32.finetunes[-1], tmp_path / "damaged")
     expect_error(metagpt(tiny_llama_fp32, [pk]), tmp_path / "out",
                  f"model '{pk}'", "pytorch_model.bin", "pickle", "convert to safetensors", "--allow-pickle")
 
@@ -237,10 +234,8 @@ def test_corrupt_pickle_with_opt_in(tiny_llama_fp32, tmp_path):
 
 
 def test_training_checkpoint_with_opt_in(tiny_llama_fp32, tmp_path):
-    pk = damaged(tiny_llama_fp32, tmp_path, None)
-    state = load_state(pk)
-    (pk / "model.safetensors").unlink()
-    torch.save({"state_dict": state, "epoch": 3}, pk / "last.ckpt")
+    pk = pickled(tiny_llama_fp32.finetunes[-1], tmp_path / "damaged", "last.ckpt",
+                 wrap=lambda state: {"state_dict": state, "epoch": 3})
     expect_error(metagpt(tiny_llama_fp32, [pk]), tmp_path / "out", f"model '{pk}'", "last.ckpt",
                  "not a flat state dict of tensors", "save_pretrained", allow_pickle=True)
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from metamerge.recipe import load_recipe, parse_recipe
-from models import build_tokenizer, derive, load_state, run_merge
+from models import build_tokenizer, derive, load_state, pickled, run_merge
 
 
 def sha256(path) -> str:
@@ -321,10 +321,7 @@ def test_vocab_extend(tiny_llama_fp32, bigger_vocab, tmp_path):
 
 def test_pickle_checkpoint_with_allow_pickle(tiny_llama_fp32, tmp_path):
     fam = tiny_llama_fp32
-    pk = derive(fam.finetunes[1], tmp_path / "ft_pickle")
-    state = load_state(pk)
-    (pk / "model.safetensors").unlink()
-    torch.save(state, pk / "pytorch_model.bin")
+    pk = pickled(fam.finetunes[1], tmp_path / "ft_pickle")
     recipe = metagpt(fam)
     same = metagpt(fam)
     recipe["models"][1]["model"] = str(pk)

@@ -248,6 +248,18 @@ def test_metagpt_nothing_changed_is_the_base(tiny_llama_bf16, tmp_path):
     assert list(report["model"]["lambdas"].values()) == [0.0]
 
 
+def sparsified_metagpt_lambdas(deltas: dict[str, list[torch.Tensor]], granularity: str):
+    """The expected MetaGPT lambdas of sparsified task vectors ``deltas[name][model]``: per tensor,
+    ``None`` where no fine-tune changed it; plus the whole-model squared norms."""
+    n_models = len(next(iter(deltas.values())))
+    model_sq = [sum(float((d[i] ** 2).sum()) for d in deltas.values()) for i in range(n_models)]
+    lambdas = {}
+    for name, ds in deltas.items():
+        sq = model_sq if granularity == "model" else [float((d ** 2).sum()) for d in ds]
+        lambdas[name] = None if sum(sq) == 0 else [x / sum(sq) for x in sq]
+    return lambdas, model_sq
+
+
 def dare_deltas(fam, base, fts, name, *, density, seed, rescale):
     """MetaGPT + DARE: each (model, tensor) draws from its own CPU generator."""
     b = base[name].double()
@@ -275,14 +287,12 @@ def test_metagpt_dare(family, rescale, granularity, request, tmp_path):
         entry["parameters"] = {"density": d}
     out, report, _ = merge_and_load(recipe, tmp_path / "out")
     deltas = {n: dare_deltas(fam, base, fts, n, density=density, seed=7, rescale=rescale) for n in base}
-    model_sq = [sum(float((deltas[n][i] ** 2).sum()) for n in base) for i in range(len(fts))]
+    expected, model_sq = sparsified_metagpt_lambdas(deltas, granularity)
     for name in base:
         b = base[name].double()
-        sq = model_sq if granularity == "model" else [float((d ** 2).sum()) for d in deltas[name]]
-        if sum(sq) == 0:
+        if (lambdas := expected[name]) is None:
             assert torch.equal(out[name], base[name])
             continue
-        lambdas = [x / sum(sq) for x in sq]
         assert report["tensors"][name]["coefficients"] == pytest.approx(lambdas, rel=1e-6, abs=1e-12)
         ref = b + sum(lam * d for lam, d in zip(lambdas, deltas[name]))
         assert_merged(out[name], ref, name=name,
@@ -306,14 +316,12 @@ def test_metagpt_ties(granularity, tiny_llama_fp32, tmp_path):
         entry["parameters"] = {"density": d}
     out, report, _ = merge_and_load(recipe, tmp_path / "out")
     deltas = {n: [trim(s[n].double() - base[n].double(), d) for s, d in zip(fts, density)] for n in base}
-    model_sq = [sum(float((deltas[n][i] ** 2).sum()) for n in base) for i in range(len(fts))]
+    expected, _ = sparsified_metagpt_lambdas(deltas, granularity)
     for name in base:
         b = base[name].double()
-        sq = model_sq if granularity == "model" else [float((d ** 2).sum()) for d in deltas[name]]
-        if sum(sq) == 0:
+        if (lambdas := expected[name]) is None:
             assert torch.equal(out[name], base[name])
             continue
-        lambdas = [x / sum(sq) for x in sq]
         assert report["tensors"][name]["coefficients"] == pytest.approx(lambdas, rel=1e-6, abs=1e-12)
         mixed, divisor = sign_election([lam * d for lam, d in zip(lambdas, deltas[name])], lambdas)
         ref = b + mixed / divisor
