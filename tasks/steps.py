@@ -154,6 +154,19 @@ def _cache_file(params: Params, kind: str, key: str) -> Path:
     return params.output_root / ".cache" / kind / f"{key}.json"
 
 
+def _stored(params: Params, kind: str, key: str, field: str, label: str, log: Log,
+            compute: Callable[[], Any], **record: Any) -> Any:
+    """The result stored under ``<output_root>/.cache/<kind>/<key>.json`` (its ``field``), or
+    ``compute()``'s, then stored there with ``record`` beside it for whoever reads the cache."""
+    path = _cache_file(params, kind, key)
+    if (cached := read_json(path)) is not None:
+        log(f"{label}: from {path.name}")
+        return cached[field]
+    result = compute()
+    _write_json(path, {"key": key, **record, field: result})
+    return result
+
+
 def read_json(path: Path) -> Any | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -271,18 +284,17 @@ def norms(params: Params, pins: dict[str, dict], ref: str, log: Log = _quiet) ->
     from metamerge.engine import MergeOptions, compute_sqnorms, open_inputs, resolve_device
 
     device = resolve_device(params.pipeline.device)
-    key = norms_key(params, pins, ref, device.type)
-    path = _cache_file(params, "norms", key)
-    if (cached := read_json(path)) is not None:
-        log(f"norms of {ref}: from {path.name}")
-        return cached["sqnorms"]
-    inputs = open_inputs(_one_model_recipe(params, ref), MergeOptions(progress=False), resolved(pins))
-    log(f"norms of {ref}: {len(inputs.plan.names)} tensors on {device.type}")
-    (sq,) = compute_sqnorms(inputs, [0], device, progress=False)
-    _write_json(path, {"key": key, "model": ref, "base_revision": pins[params.recipe.base_model]["revision"],
-                       "revision": pins[ref]["revision"], "sqnorms": sq})
-    log(f"norms of {ref}: ||tau||^2 = {sum(sq.values()):.6g}")
-    return sq
+
+    def compute() -> dict[str, float]:
+        inputs = open_inputs(_one_model_recipe(params, ref), MergeOptions(progress=False), resolved(pins))
+        log(f"norms of {ref}: {len(inputs.plan.names)} tensors on {device.type}")
+        (sq,) = compute_sqnorms(inputs, [0], device, progress=False)
+        log(f"norms of {ref}: ||tau||^2 = {sum(sq.values()):.6g}")
+        return sq
+
+    return _stored(params, "norms", norms_key(params, pins, ref, device.type), "sqnorms", f"norms of {ref}", log,
+                   compute, model=ref, base_revision=pins[params.recipe.base_model]["revision"],
+                   revision=pins[ref]["revision"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,22 +359,20 @@ def evaluate(params: Params, model_dir: str | Path, revision: str, log: Log = _q
 
     if not params.pipeline.eval_sets:
         return {}
-    key = eval_key(params, revision)
-    path = _cache_file(params, "evals", key)
-    if (cached := read_json(path)) is not None:
-        log(f"evaluate {Path(model_dir).name}: from {path.name}")
-        return cached["scores"]
-    e = params.pipeline.eval
-    log(f"evaluate {Path(model_dir).name} on {', '.join(params.pipeline.eval_sets)}")
-    scores = evaluate_model(model_dir, params.pipeline.eval_sets, device=params.pipeline.device,
-                            batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                            with_exact_match=e.exact_match, progress=False)
-    out = {t: s.to_dict() for t, s in scores.items()}
-    _write_json(path, {"key": key, "model": str(model_dir), "revision": revision, "scores": out})
-    for t, s in scores.items():
-        em = "-" if s.exact_match is None else f"{s.exact_match:.3f}"
-        log(f"  {t}: loss {s.loss:.4f}, exact match {em}")
-    return out
+
+    def compute() -> dict[str, dict]:
+        e = params.pipeline.eval
+        log(f"evaluate {Path(model_dir).name} on {', '.join(params.pipeline.eval_sets)}")
+        scores = evaluate_model(model_dir, params.pipeline.eval_sets, device=params.pipeline.device,
+                                batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                                with_exact_match=e.exact_match, progress=False)
+        for t, s in scores.items():
+            em = "-" if s.exact_match is None else f"{s.exact_match:.3f}"
+            log(f"  {t}: loss {s.loss:.4f}, exact match {em}")
+        return {t: s.to_dict() for t, s in scores.items()}
+
+    return _stored(params, "evals", eval_key(params, revision), "scores", f"evaluate {Path(model_dir).name}", log,
+                   compute, model=str(model_dir), revision=revision)
 
 
 def benchmark_key(params: Params, revision: str) -> str:
@@ -383,18 +393,16 @@ def benchmark(params: Params, model_dir: str | Path, revision: str, log: Log = _
     cfg = params.pipeline.eval.lm_eval
     if cfg is None:
         return {}
-    key = benchmark_key(params, revision)
-    path = _cache_file(params, "lm_eval", key)
-    if (cached := read_json(path)) is not None:
-        log(f"lm-eval {Path(model_dir).name}: from {path.name}")
-        return cached["results"]
-    log(f"lm-eval {Path(model_dir).name} on {', '.join(cfg.tasks)}")
-    limit = cfg.limit if cfg.limit is None or cfg.limit < 1 else int(cfg.limit)
-    results = run_lm_eval(model_dir, cfg.tasks, device=params.pipeline.device, batch_size=cfg.batch_size,
-                          num_fewshot=cfg.num_fewshot, limit=limit)
-    results = json.loads(json.dumps(results, default=str))  # the harness mixes in non-JSON values
-    _write_json(path, {"key": key, "model": str(model_dir), "revision": revision, "results": results})
-    return results
+
+    def compute() -> dict[str, dict]:
+        log(f"lm-eval {Path(model_dir).name} on {', '.join(cfg.tasks)}")
+        limit = cfg.limit if cfg.limit is None or cfg.limit < 1 else int(cfg.limit)
+        results = run_lm_eval(model_dir, cfg.tasks, device=params.pipeline.device, batch_size=cfg.batch_size,
+                              num_fewshot=cfg.num_fewshot, limit=limit)
+        return json.loads(json.dumps(results, default=str))  # the harness mixes in non-JSON values
+
+    return _stored(params, "lm_eval", benchmark_key(params, revision), "results", f"lm-eval {Path(model_dir).name}",
+                   log, compute, model=str(model_dir), revision=revision)
 
 
 def models_to_score(params: Params, pins: dict[str, dict]) -> dict[str, str]:
