@@ -36,21 +36,25 @@ def build_scenario(root: str, size: str, seed: int) -> dict:
             "build_seconds": m.build_seconds}
 
 
-def _linearity_key(base: str, finetuned: dict[str, str], eval_sets: dict[str, str]) -> str:
-    # content, not paths: the models' file hashes, the eval sets, the alphas and the code that measures
-    from metamerge.refs import hash_model_dir, sha256_file
+def _linearity_key(base: str, finetuned: dict[str, str], eval_sets: dict[str, str],
+                   revisions: dict[str, str]) -> str:
+    # content, not paths: the models' pinned revisions (file hashes), the eval sets, the alphas, the code
+    from metamerge.refs import sha256_file
     from tasks import steps
 
     return "linearity-" + steps.digest({
-        "base": hash_model_dir(Path(base))[0],
-        "finetuned": {t: hash_model_dir(Path(p))[0] for t, p in finetuned.items()},
+        "models": {ref: revisions[ref] for ref in [base, *finetuned.values()]},
         "eval_sets": {t: sha256_file(Path(p)) for t, p in eval_sets.items()},
         "alphas": ALPHAS, "code": [steps.code_version("evaluate"), sha256_file(Path(study.__file__))]})
 
 
 @task(name="linearity_check", cache_key_fn=keyed(_linearity_key), persist_result=True)
-def linearity_check(base: str, finetuned: dict[str, str], eval_sets: dict[str, str]) -> dict[str, list[float]]:
-    """Loss of theta_0 + alpha * tau_t on task t's own set, for each alpha in ALPHAS."""
+def linearity_check(base: str, finetuned: dict[str, str], eval_sets: dict[str, str],
+                    revisions: dict[str, str]) -> dict[str, list[float]]:
+    """Loss of theta_0 + alpha * tau_t on task t's own set, for each alpha in ALPHAS.
+
+    ``revisions`` (reference -> pinned content revision, as the merges pinned them) keys the cache.
+    """
     from metamerge.evaluate import load_eval_set
 
     return {t: study.linearity_curve(base, ft, load_eval_set(eval_sets[t]), ALPHAS) for t, ft in finetuned.items()}
@@ -157,6 +161,6 @@ def study_flow(workdir: str = ".demo", size: str = "demo", seed: int = 0,
     grid = {name: merge_flow({"recipe": recipe, "pipeline": _pipeline(name, root, scn, None)})
             for name, recipe in study.grid_recipes(base, fts, grid or study.TA_GRID).items()}
     oracle = study.pick_oracle({k: _accuracy(v["summary"]) for k, v in grid.items()})
-    linearity = linearity_check(base, scn["finetuned"], scn["eval_sets"])
+    linearity = linearity_check(base, scn["finetuned"], scn["eval_sets"], results["metagpt"]["pins"])
     rep = study_report(str(root), scn, results, grid, oracle, linearity, tracking_uri)
     return {**rep, "registered": {k: v.get("registered") for k, v in results.items()}}
