@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 from .errors import MergeError
 
@@ -39,16 +39,26 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write a small text file via a temporary sibling and ``os.replace``."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Yield a file open on a temporary sibling of ``path`` (``mode`` ``"w"``: UTF-8 text, ``"wb"``:
+    bytes) that replaces ``path`` when the block exits cleanly; readers never see half a file."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_file: mode {mode!r}; use 'w' or 'wb'")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {})) as fh:
+            yield fh
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a small text file via a temporary sibling and ``os.replace``."""
+    with atomic_file(path) as fh:
+        fh.write(text)
+    return Path(path)

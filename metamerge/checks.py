@@ -15,6 +15,7 @@ import torch
 
 from .errors import MergeError
 from .io import ModelReader
+from .shapes import nbytes
 
 VOCAB_TENSOR = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in|embed_out|lm_head|output)\.weight$")
 LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
@@ -36,13 +37,7 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
-        total = 0
-        for n in self.names:
-            numel = 1
-            for d in self.out_shapes[n]:
-                numel *= d
-            total += numel * torch.tensor([], dtype=self.out_dtypes[n]).element_size()
-        return total
+        return sum(nbytes(self.out_shapes[n], self.out_dtypes[n]) for n in self.names)
 
 
 def _tied(config: dict) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import shapes
 from .errors import MergeError
 from .io import ModelReader
 
@@ -31,9 +32,7 @@ class Workspace:
         self._raw: dict[str, bytearray] = {}
 
     def buffer(self, slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = shapes.numel(shape)
         key = (slot, dtype)
         buf = self._compute.get(key)
         if buf is None or buf.numel() < numel:

@@ -15,7 +15,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import MergeError
+from .errors import InputError
+from .validation import first_error, read_yaml
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 UNSUPPORTED_KEYS = {
@@ -76,27 +77,14 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.model_dump(exclude_none=True, exclude_defaults=True), sort_keys=False)
 
 
-def _first_error(exc: ValidationError, source: str) -> MergeError:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "recipe"
-    if err["type"] == "extra_forbidden":
-        key = str(err["loc"][-1])
-        hint = UNSUPPORTED_KEYS.get(key, "remove it or check its spelling")
-        return MergeError(f"{source}: unknown key '{where}': {hint}")
-    if err["type"] == "missing":
-        return MergeError(f"{source}: missing required key '{where}'")
-    msg = err["msg"].removeprefix("Value error, ")
-    return MergeError(f"{source}: bad value for '{where}': {msg}")
-
-
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     """Validate a recipe given as a dict; every problem is a one-line ``MergeError``."""
     if not isinstance(data, dict):
-        raise MergeError(f"{source}: a recipe must be a YAML mapping with merge_method, base_model and models")
+        raise InputError(f"{source}: a recipe must be a YAML mapping with merge_method, base_model and models")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise _first_error(exc, source) from None
+        raise first_error(exc, source, "recipe", hints=UNSUPPORTED_KEYS) from None
     from .methods import get_method  # late import: methods import this module's types
 
     method_cls = get_method(recipe.merge_method, source)
@@ -106,15 +94,5 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise MergeError(f"cannot read recipe {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise MergeError(f"{path}:{line} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    data = read_yaml(path, "recipe")
     return parse_recipe(data, str(path))

@@ -8,13 +8,14 @@ audit trail record, never a path or a timestamp.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MergeError
+from .errors import InputError, TransientSourceError
 
 # Files a merge needs from a model repository; nothing else is downloaded.
 ALLOW_PATTERNS = [
@@ -93,38 +94,77 @@ def resolve(text: str, *, hash_files: bool = True, token: str | None = None) -> 
     if ref.is_local():
         path = Path(ref.name).expanduser().absolute()
         if not path.is_dir():
-            raise MergeError(f"model '{text}': no such directory {path}; check the path in the recipe")
+            raise InputError(f"model '{text}': no such directory {path}; check the path in the recipe")
         digest, files = hash_model_dir(path) if hash_files else ("unhashed", {})
         if ref.revision and hash_files and not digest.startswith(ref.revision):
-            raise MergeError(
+            raise InputError(
                 f"model '{text}': local content hash is {digest[:12]}, not '{ref.revision}'; "
                 "the folder changed since the recipe was pinned")
         return ResolvedModel(ref=text, path=path, revision=digest, source="local", files=files)
     return _resolve_hub(ref, text, hash_files=hash_files, token=token)
 
 
+def retryable_status(status: int) -> bool:
+    """Whether an HTTP answer says "try again later": a server error, a timeout or rate limiting."""
+    return status >= 500 or status in (408, 429)
+
+
 def _resolve_hub(ref: ModelRef, text: str, *, hash_files: bool, token: str | None) -> ResolvedModel:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
         local = snapshot_download(ref.name, revision=ref.revision, allow_patterns=ALLOW_PATTERNS,
                                   token=token or os.environ.get("HF_TOKEN"))
     except RevisionNotFoundError:
-        raise MergeError(f"model '{text}': revision '{ref.revision}' does not exist; "
+        raise InputError(f"model '{text}': revision '{ref.revision}' does not exist; "
                          "use a branch, tag or commit hash of that repository") from None
     except GatedRepoError:
-        raise MergeError(f"model '{text}': gated repository; accept its licence and set HF_TOKEN") from None
+        raise InputError(f"model '{text}': gated repository; accept its licence and set HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise MergeError(f"model '{text}': no such repository on the hub (or it is private: set HF_TOKEN)") from None
-    except LocalEntryNotFoundError:
-        raise MergeError(f"model '{text}': not in the local cache and the hub is unreachable "
-                         "(HF_HUB_OFFLINE is set or no network); download it first or use a local path") from None
+        raise InputError(f"model '{text}': no such repository on the hub (or it is private: set HF_TOKEN)") from None
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError) as exc:
+        # offline by choice (HF_HUB_OFFLINE) stays so; a network that is down may come back
+        offline = isinstance(exc, OfflineModeIsEnabled) or _hub_offline() or \
+            isinstance(exc.__cause__ or exc.__context__, OfflineModeIsEnabled)
+        error = InputError if offline else TransientSourceError
+        raise error(f"model '{text}': not in the local cache and the hub is unreachable "
+                    "(HF_HUB_OFFLINE is set or no network); download it first or use a local path") from exc
+    except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        if isinstance(status, int) and retryable_status(status):
+            raise TransientSourceError(f"model '{text}': the hub answered {status}; try again later") from exc
+        raise
+    except (ConnectionError, TimeoutError, *transport_errors()) as exc:
+        raise TransientSourceError(f"model '{text}': cannot reach the hub ({type(exc).__name__}: {exc})") from exc
     path = Path(local)
     commit = path.name  # snapshots/<commit hash>
     files = {p.name: sha256_file(p) for p in model_files(path)} if hash_files else {}
     return ResolvedModel(ref=text, path=path, revision=commit, source="hub", files=files)
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP clients' "could not talk to the server" errors (connection, timeout, protocol), for
+    the clients that are installed: the hub client's ``httpx2``, ``httpx``, ``requests``, ``urllib3``."""
+    found: list[type[BaseException]] = []
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests.exceptions", ("ConnectionError", "Timeout")),
+                          ("urllib3.exceptions", ("ProtocolError", "TimeoutError"))):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        found += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
+    return tuple(found)
 
 
 class BackgroundHashes:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MergeError
+from ..shapes import nbytes, numel
 
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -34,14 +35,11 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return numel(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.tensor([], dtype=self.dtype).element_size()
+        return nbytes(self.shape, self.dtype)
 
 
 def _read_header(path: Path, label: str) -> tuple[dict, int]:
@@ -76,10 +74,7 @@ def _read_header(path: Path, label: str) -> tuple[dict, int]:
                              "of the file); re-download or re-save the model")
         if meta["dtype"] not in ST_DTYPES:
             raise MergeError(f"{label}: {path.name}: tensor '{name}' has unsupported dtype {meta['dtype']}")
-        numel = 1
-        for d in meta["shape"]:
-            numel *= d
-        if end - start != numel * torch.tensor([], dtype=ST_DTYPES[meta["dtype"]]).element_size():
+        if end - start != nbytes(meta["shape"], ST_DTYPES[meta["dtype"]]):
             raise MergeError(f"{label}: {path.name} is not a valid safetensors file (tensor '{name}' spans "
                              f"{end - start} bytes, not the size of its shape and dtype); re-download or re-save the model")
     return header, 8 + n

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MergeError
+from ..shapes import nbytes
 
 ST_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -66,10 +67,7 @@ class ShardedWriter:
     def _plan(plan, max_shard_size: int) -> list[_Shard]:
         shards: list[_Shard] = [_Shard("")]
         for name, shape, dtype in plan:
-            numel = 1
-            for d in shape:
-                numel *= d
-            size = numel * torch.tensor([], dtype=dtype).element_size()
+            size = nbytes(shape, dtype)
             cur = shards[-1]
             if cur.names and cur.nbytes + size > max_shard_size:
                 cur = _Shard("")
