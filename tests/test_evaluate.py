@@ -1,4 +1,4 @@
-"""Tests of metamerge.evaluate against numbers computed independently in the test itself.
+"""Tests of the evaluation package against numbers computed independently in the test itself.
 
 A tiny random Llama and a char-level tokenizer (built offline, BOS added by its template) are saved
 once per module; the reference loss is an unbatched float64 loop written here, and the reference
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from metamerge.evaluate import (
+from evaluation import (
     TaskScores,
     average_loss_difference,
     average_normalized_score,
@@ -23,11 +23,12 @@ from metamerge.evaluate import (
     load_eval_set,
     loss_difference,
     normalized_scores,
-    resolve_device,
     score_table,
     summarize,
     write_eval_outputs,
 )
+from metamerge.device import resolve_device
+from metamerge.errors import MergeError
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +=?.,")
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -257,7 +258,7 @@ def test_resolve_device():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(MergeError, match="no CUDA GPU is visible to torch"):
             resolve_device("cuda")
 
 

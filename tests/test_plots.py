@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from metamerge.plots import plot_cosine_heatmap, plot_lambdas, plot_linearity, plot_scores
+from evaluation.plots import plot_cosine_heatmap, plot_lambdas, plot_linearity, plot_scores
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

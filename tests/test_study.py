@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from metamerge import study
+from evaluation import study
 from metamerge.recipe import parse_recipe
 
 

@@ -1,8 +1,8 @@
 """The demo study: every merge method on the same fine-tunes, scored as in the paper's table.
 
-Pure: recipes for each method, the choice of the "oracle" task-arithmetic lambda, and the table
-(rows: methods; columns: tasks and their average). The flow (``flows/study.py``) runs the merges
-and evaluations and hands the scores back here.
+Pure: recipes for each method, the choice of the "oracle" task-arithmetic lambda, the table
+(rows: methods; columns: tasks and their average) and the paper's linearity check. The flow
+(``flows/study.py``) runs the merges and evaluations; ``pipeline.study`` writes the report.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any
 # The paper's sparsification density for DARE and TIES (and their MetaGPT combinations).
 DENSITY = 0.55
 TA_GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+# Where the linearity check evaluates theta_0 + alpha * tau_t.
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def study_recipes(base: str, finetunes: list[str], *, seed: int = 0) -> dict[str, dict[str, Any]]:
@@ -79,7 +81,7 @@ def linearity_error(alphas: list[float], losses: list[float]) -> float:
     return max(abs(l - c) for l, c in zip(losses, chord)) / scale
 
 
-def linearity_curve(base_dir, finetune_dir, examples: list[dict], alphas=(0.0, 0.25, 0.5, 0.75, 1.0),
+def linearity_curve(base_dir, finetune_dir, examples: list[dict], alphas=ALPHAS,
                     *, batch_size: int = 32) -> list[float]:
     """Loss on ``examples`` of ``theta_0 + alpha * tau_t`` for each alpha (the paper's linearity check).
 
@@ -88,7 +90,7 @@ def linearity_curve(base_dir, finetune_dir, examples: list[dict], alphas=(0.0, 0
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluate import evaluate_loaded
+    from .scoring import evaluate_loaded
 
     tokenizer = AutoTokenizer.from_pretrained(finetune_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)

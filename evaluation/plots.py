@@ -2,19 +2,20 @@
 
 Figures are built with ``matplotlib.figure.Figure`` directly rather than ``pyplot``: pyplot keeps
 global figure state and picks a GUI backend, neither of which a pipeline worker wants. Saving a
-bare ``Figure`` to PNG renders with Agg. Every function writes atomically (temp file in the same
-directory, then ``os.replace``) so a tracked plot is never half written, and returns the path.
+bare ``Figure`` to PNG renders with Agg. Every function writes atomically (``metamerge.atomic``),
+so a tracked plot is never half written, and returns the path.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
+
+from metamerge.atomic import atomic_file
 
 __all__ = ["plot_scores", "plot_lambdas", "plot_cosine_heatmap", "plot_linearity"]
 
@@ -25,17 +26,9 @@ _MAX_NAMED_TICKS = 40  # beyond this many tensors, tick labels become unreadable
 
 def _save(fig: Figure, path: PathLike) -> Path:
     """Render to a temp PNG next to ``path`` and move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
+    return Path(path)
 
 
 def _as_float(value: float | None) -> float:
