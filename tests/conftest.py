@@ -56,6 +56,6 @@ def tiny_llama_tied_head(tiny_models_root):
 def tiny_scenario(tmp_path_factory):
     """The demo's scenario at its ``tiny`` size (trained here, ~40 s), built once for every test that
     needs real fine-tunes of different skills. Copy it before changing anything in it."""
-    from metamerge.scenario.build import build_scenario
+    from scenarios.build import build_scenario
 
     return build_scenario(tmp_path_factory.mktemp("scenario") / "tiny", size="tiny", seed=0, progress=False)

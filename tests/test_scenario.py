@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from metamerge.scenario.skills import (
+from scenarios.skills import (
     ALPHABET,
     SKILL_NAMES,
     Addition,
@@ -122,7 +122,8 @@ def test_tiny_models_reload_with_auto_classes(tiny):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from metamerge.scenario.build import greedy_accuracy, read_jsonl
+    from scenarios.data import read_jsonl
+    from scenarios.training import greedy_accuracy
 
     for name, path in tiny.models.items():
         model = AutoModelForCausalLM.from_pretrained(path)
@@ -162,7 +163,7 @@ def test_each_tiny_finetune_beats_the_base_on_its_own_task(tiny):
 
 
 def test_rebuild_with_same_parameters_is_a_cache_hit(tiny):
-    from metamerge.scenario.build import build_scenario
+    from scenarios.build import build_scenario
 
     stamp = (tiny.root / "scenario.json").stat().st_mtime_ns
     again = build_scenario(tiny.root, size="tiny", seed=0, progress=False)
@@ -176,7 +177,9 @@ def test_training_is_deterministic_for_a_seed():
 
     import torch
 
-    from metamerge.scenario.build import SIZES, _deterministic, build_tokenizer, encode_examples, new_model, train_model
+    from scenarios.data import build_tokenizer, encode_examples
+    from scenarios.sizes import SIZES
+    from scenarios.training import deterministic, new_model, train_model
 
     spec = dataclasses.replace(SIZES["tiny"], hidden_size=16, num_heads=2, intermediate_size=32, num_layers=1)
     examples = get_skill("reverse").generate(random.Random(0), 64)
@@ -184,7 +187,7 @@ def test_training_is_deterministic_for_a_seed():
     data = encode_examples(tokenizer, examples)
 
     def trained(seed: int) -> dict[str, torch.Tensor]:
-        with _deterministic(spec.num_threads):
+        with deterministic(spec.num_threads):
             model = new_model(tokenizer, spec, seed)
             train_model(model, data, steps=3, lr=1e-3, batch_size=8, warmup_steps=1, seed=seed, desc="", progress=False)
         return model.state_dict()
@@ -195,7 +198,7 @@ def test_training_is_deterministic_for_a_seed():
 
 
 def test_cli_reuses_the_cached_build_and_other_parameters_do_not_match(tiny, capsys):
-    from metamerge.scenario.build import _build_params, _cached, main
+    from scenarios.build import _build_params, _cached, main
 
     assert main([str(tiny.root), "--size", "tiny", "--seed", "0", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -206,7 +209,7 @@ def test_cli_reuses_the_cached_build_and_other_parameters_do_not_match(tiny, cap
 
 
 def test_package_exports_build_lazily():
-    import metamerge.scenario as scenario
+    import scenarios as scenario
 
     assert scenario.get_skill("sort").answer("cab") == "abc"
     assert callable(scenario.build_scenario) and scenario.ScenarioManifest.__name__ == "ScenarioManifest"

@@ -13,7 +13,7 @@ def build_models(root: Path, n_finetunes: int = 4) -> dict[str, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from metamerge.scenario.build import build_tokenizer
+    from scenarios.data import build_tokenizer
 
     tok = build_tokenizer(["add 1+2=3", "rev 12x=x21"])
     config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,

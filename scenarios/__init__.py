@@ -1,5 +1,7 @@
 """The demo scenario: four exactly-scored toy skills, a small base model and one fine-tune per skill.
 
+A client of the merge core, not part of it: it makes the models the demo merges.
+
 ``skills`` is pure Python; ``build`` needs torch and transformers, so its names are
 imported only when first used -- listing the skills should not cost a torch import.
 """
@@ -8,10 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from metamerge.scenario.skills import SKILL_NAMES, Skill, all_skills, exact_match, get_skill
+from scenarios.skills import SKILL_NAMES, Skill, all_skills, exact_match, get_skill
 
 if TYPE_CHECKING:
-    from metamerge.scenario.build import ScenarioManifest, build_scenario, greedy_accuracy
+    from scenarios.build import ScenarioManifest, build_scenario, greedy_accuracy
 
 __all__ = [
     "SKILL_NAMES",
@@ -29,7 +31,7 @@ _FROM_BUILD = {"ScenarioManifest", "build_scenario", "greedy_accuracy"}
 
 def __getattr__(name: str) -> Any:
     if name in _FROM_BUILD:
-        from metamerge.scenario import build
+        from scenarios import build
 
         return getattr(build, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
