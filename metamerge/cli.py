@@ -1,31 +1,22 @@
-"""``metamerge``: the command line.
+"""``metamerge``: the command line of the merge core (``metamerge merge``).
 
-``merge`` is the core engine. The registry commands (``promote``, ``rollback``, ``audit``,
-``reproduce``) live in the MLflow layer and are imported only when used, so the core never
-imports MLflow.
+The model registry has its own command (``metamerge-registry``), so this one needs nothing but the
+core. Every failure is one ``error:`` line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 
-from .errors import MergeError
-
-# subcommand -> module that provides add_arguments(parser) and run(args) -> int
-EXTERNAL = {
-    "promote": "modelregistry.cli",
-    "rollback": "modelregistry.cli",
-    "audit": "modelregistry.cli",
-    "reproduce": "modelregistry.cli",
-}
+from .errors import run_cli
 
 
 def _merge(args) -> int:
     from .engine import MergeOptions, merge
     from .recipe import load_recipe
+    from .report import MergeReport
 
     recipe = load_recipe(args.recipe)
     options = MergeOptions(device=args.device, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
@@ -39,10 +30,8 @@ def _merge(args) -> int:
                           "output_bytes": plan.total_bytes, "tied": plan.aliases,
                           "vocab_rows_shared": plan.shared_rows}, indent=2))
         return 0
-    model = result.report.get("model", {})
     print(f"wrote {result.out_dir} ({len(plan.names)} tensors, {plan.total_bytes / 1e6:.1f} MB)")
-    coeffs = model.get("lambdas") or model.get("coefficients_mean") or {}
-    for ref, c in coeffs.items():
+    for ref, c in MergeReport.load(result.out_dir).coefficients.items():
         print(f"  {ref}: {c:.6f}")
     return 0
 
@@ -60,24 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-shard-size", default="5GB")
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(func=_merge)
-    for name, module in EXTERNAL.items():
-        p = sub.add_parser(name, help=f"(registry) {name}; see README")
-        p.set_defaults(external=module, command=name)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if getattr(args, "external", None):
-            mod = importlib.import_module(args.external)
-            return int(mod.main([args.command, *args.rest]) or 0)
-        return int(args.func(args) or 0)
-    except MergeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: args.func(args))
 
 
 if __name__ == "__main__":

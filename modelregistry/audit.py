@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from metamerge.errors import MergeError
+from metamerge.refs import sha256_file
+from metamerge.shapes import nbytes
 
 from .config import RegistryConfig, use_store
 from .promotion import TAG
-from .register import (MERGE_DIR, MERGED_ARTIFACT, _local_path, check_files, git_commit, model_files_dir,
-                       sha256_file)
+from .artifacts import MERGE_DIR, MERGED_ARTIFACT, _local_path, check_files, model_files_dir
+from .lineage import git_commit
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 MERGE_METRIC_PREFIXES = ("lambda.", "coefficient.", "task_vector_norm.")
@@ -233,14 +235,9 @@ def _recorded_recipe(provenance: Mapping[str, Any], text: str | None):
 
 def _shard_size(plan, index: Mapping[str, Any]) -> int:
     """The smallest max_shard_size that reproduces a recorded shard layout (greedy writer)."""
-    import torch
-
     totals: dict[str, int] = {}
     for name, fname in index.get("weight_map", {}).items():
-        numel = 1
-        for d in plan.out_shapes[name]:
-            numel *= d
-        totals[fname] = totals.get(fname, 0) + numel * torch.tensor([], dtype=plan.out_dtypes[name]).element_size()
+        totals[fname] = totals.get(fname, 0) + nbytes(plan.out_shapes[name], plan.out_dtypes[name])
     return max(totals.values())
 
 

@@ -1,14 +1,12 @@
-"""Registry commands of ``metamerge``: promote, rollback, audit, reproduce.
+"""``metamerge-registry``: the registry's own command (promote, rollback, audit, reproduce).
 
-``metamerge/cli.py`` calls :func:`main` with ``[command, *rest]``. Every failure is a one-line
-``MergeError`` (the top-level CLI prints ``error: ...`` and exits 2).
-
-    metamerge promote NAME VERSION [--reason TEXT]
-    metamerge rollback NAME [--reason TEXT]
-    metamerge audit NAME VERSION [--json]          exit 1 when the files do not verify
-    metamerge reproduce NAME VERSION OUT_DIR [--input REF=PATH ...] [--device cpu|cuda]
-                                                   exit 1 when the weights are not bit-identical
+    metamerge-registry promote NAME VERSION [--reason TEXT]
+    metamerge-registry rollback NAME [--reason TEXT]
+    metamerge-registry audit NAME VERSION [--json]        exit 1 when the files do not verify
+    metamerge-registry reproduce NAME VERSION OUT_DIR [--input REF=PATH ...] [--device cpu|cuda]
+                                                          exit 1 when the weights are not bit-identical
 each with ``--tracking-uri URI`` (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///./mlruns.db``).
+Also ``python -m modelregistry.cli``. Every failure is one ``error: ...`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ import argparse
 import json
 import sys
 
-from metamerge.errors import MergeError
+from metamerge.errors import MergeError, run_cli
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="metamerge", description="model registry commands")
+    parser = _Parser(prog="metamerge-registry", description="model registry commands")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p):
@@ -116,7 +114,11 @@ def _run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run_cli(lambda: _run_args(sys.argv[1:] if argv is None else argv))
+
+
+def _run_args(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return _run(args)
     except MergeError:
@@ -131,8 +133,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MergeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

@@ -18,8 +18,8 @@ The promotion gate (see ``promotion.py``): a new version becomes ``champion`` wh
 plus ``tolerance`` when ``greater_is_better`` is false, e.g. for ``ald``) and no task's normalized
 score is below ``floor``.
 
-Telemetry is off: importing this module sets ``MLFLOW_DISABLE_TELEMETRY=true`` and
-``DO_NOT_TRACK=true`` unless the environment already says otherwise (the one place it is done).
+Telemetry is off and MLflow's progress bars too: importing this module applies ``pipeline_env``
+(the one module of environment defaults) before MLflow is imported.
 """
 
 from __future__ import annotations
@@ -29,20 +29,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-QUIET_ENV = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",  # MLflow wants "true", not 1
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}
-
-
-def quiet_environment() -> None:
-    """Turn MLflow telemetry and progress bars off unless the user chose otherwise."""
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-
-
-quiet_environment()
+import pipeline_env  # noqa: F401  (side effect: telemetry and progress bars off before MLflow loads)
 
 
 def default_tracking_uri() -> str:

@@ -191,7 +191,7 @@ def rollback(name: str, config: RegistryConfig | None = None, reason: str = "",
     target = champ.tags.get(TAG + "previous_champion", "")
     if not target:
         raise MergeError(f"'{name}': champion v{champ.version} records no previous champion; "
-                         "use `metamerge promote NAME VERSION` to choose one")
+                         "use `metamerge-registry promote NAME VERSION` to choose one")
     _version(client, name, target)
     why = f": {reason}" if reason else ""
     client.set_registered_model_alias(name, CHAMPION, target)

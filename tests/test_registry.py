@@ -145,7 +145,7 @@ def _champion(client):
 
 
 def test_first_merge_registers_as_champion_with_lineage(registered, merged, client):
-    from modelregistry.register import git_commit
+    from modelregistry.lineage import git_commit
 
     res = registered["first"]
     assert res.version == "1" and res.decision.decision == "promoted" and res.promoted
@@ -207,7 +207,7 @@ def test_better_merge_takes_champion(registered, client):
 
 
 def test_rollback_then_manual_promote(registered, client, config, capsys):
-    from metamerge.cli import main as metamerge_main
+    from modelregistry.cli import main as registry_main
     from modelregistry.promotion import promote, rollback
 
     d = rollback(NAME, config, reason="latency regression")
@@ -217,17 +217,17 @@ def test_rollback_then_manual_promote(registered, client, config, capsys):
     with pytest.raises(MergeError, match="records no previous champion"):
         rollback(NAME, config)  # v1 was the first champion
 
-    # manual override through the top-level CLI, bypassing the gate (v2 was rejected)
-    assert metamerge_main(["promote", NAME, "2", "--reason", "ops choice", "--tracking-uri", config.tracking_uri]) == 0
+    # manual override through the registry's CLI, bypassing the gate (v2 was rejected)
+    assert registry_main(["promote", NAME, "2", "--reason", "ops choice", "--tracking-uri", config.tracking_uri]) == 0
     assert _champion(client) == "2"
     tags = _tags(client, 2)
     assert tags["promotion.decision"] == "promoted" and tags["promotion.by"] == "manual"
     assert tags["promotion.reason"] == "manual: ops choice" and tags["promotion.previous_champion"] == "1"
-    assert metamerge_main(["rollback", NAME, "--tracking-uri", config.tracking_uri]) == 0
+    assert registry_main(["rollback", NAME, "--tracking-uri", config.tracking_uri]) == 0
     assert _champion(client) == "1"
-    assert metamerge_main(["rollback", NAME, "--tracking-uri", config.tracking_uri]) == 2
+    assert registry_main(["rollback", NAME, "--tracking-uri", config.tracking_uri]) == 2
     assert "error:" in capsys.readouterr().err
-    assert metamerge_main(["promote", NAME, "99", "--tracking-uri", config.tracking_uri]) == 2
+    assert registry_main(["promote", NAME, "99", "--tracking-uri", config.tracking_uri]) == 2
 
     d = promote(NAME, "3", "restore best", config)
     assert d.previous_champion == "1" and _champion(client) == "3"
@@ -249,7 +249,7 @@ def test_floor_rejects_despite_higher_mean(registered, merged, config, client):
 def test_pipeline_entry_point_takes_the_evaluate_summary(merged, config, client):
     """``tasks.steps`` calls ``modelregistry.register_merged(model_dir, summary=eval.json, config=...)``."""
     import modelregistry
-    from metamerge.evaluate import TaskScores, summarize
+    from evaluation import TaskScores, summarize
 
     def ts(loss, em):
         return TaskScores(kind="completion", n=4, n_tokens=20, loss=loss, perplexity=2.0, exact_match=em)
@@ -283,9 +283,9 @@ def test_register_refuses_a_directory_changed_after_the_merge(merged, config, tm
 
 
 def test_audit_passes_then_detects_tampering(registered, merged, config, capsys):
-    from metamerge.cli import main as metamerge_main
+    from modelregistry.artifacts import model_files_dir
     from modelregistry.audit import audit
-    from modelregistry.register import model_files_dir
+    from modelregistry.cli import main as registry_main
 
     report = audit(NAME, "2", config)
     provenance = json.loads((merged["worse"] / "provenance.json").read_text())
@@ -308,12 +308,12 @@ def test_audit_passes_then_detects_tampering(registered, merged, config, capsys)
         bad = audit(NAME, "2", config)
         assert bad["verified"] is False
         assert bad["verification"]["mismatched"] == ["model.safetensors"] and not bad["verification"]["missing"]
-        assert metamerge_main(["audit", NAME, "2", "--tracking-uri", config.tracking_uri]) == 1
+        assert registry_main(["audit", NAME, "2", "--tracking-uri", config.tracking_uri]) == 1
         out = capsys.readouterr().out
         assert "NOT VERIFIED" in out and "mismatched: model.safetensors" in out
     finally:
         weights.write_bytes(original)
-    assert metamerge_main(["audit", NAME, "2", "--json", "--tracking-uri", config.tracking_uri]) == 0
+    assert registry_main(["audit", NAME, "2", "--json", "--tracking-uri", config.tracking_uri]) == 0
     assert json.loads(capsys.readouterr().out)["verified"] is True
 
 
@@ -389,7 +389,8 @@ def test_register_by_reference_logs_a_pointer(merged, config):
 
     from modelregistry.audit import audit
     from modelregistry.config import use_store
-    from modelregistry.register import model_files_dir, register_merge
+    from modelregistry.artifacts import model_files_dir
+    from modelregistry.register import register_merge
 
     ref_config = config.model_copy(update={"model_name": "tiny-merge-ref", "register_by_reference": True})
     scores, summary = _scores(0.7, {"arith": 0.7})
@@ -411,7 +412,7 @@ def test_register_by_reference_logs_a_pointer(merged, config):
 
 
 def test_score_metrics_accept_evaluate_summary_names():
-    from modelregistry.register import score_metrics
+    from modelregistry.metrics import score_metrics
 
     scores = {"math qa": {"exact_match": 0.5, "loss": 1.0, "kind": "completion", "n": 4, "bad": float("nan")}}
     summary = {"average_normalized_exact_match": 0.75, "average_loss_difference": 0.2,
@@ -423,7 +424,7 @@ def test_score_metrics_accept_evaluate_summary_names():
 
 
 def test_git_commit_reads_refs_without_git(tmp_path):
-    from modelregistry.register import git_commit
+    from modelregistry.lineage import git_commit
 
     g = tmp_path / "repo" / ".git"
     (g / "refs" / "heads").mkdir(parents=True)
