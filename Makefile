@@ -7,13 +7,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-# Quiet and offline by default (see README, "Settings").
-export DO_NOT_TRACK ?= true
-export MLFLOW_DISABLE_TELEMETRY ?= true
-export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
-export DVC_NO_ANALYTICS ?= 1
-export HF_HUB_DISABLE_TELEMETRY ?= 1
+# The environment defaults of our own processes (telemetry off, quiet) are set in one place,
+# pipeline_env.py, which every entry point imports. The one export left here is for a tool that is
+# not ours and that make runs directly: pip.
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
 .PHONY: demo test venv clean

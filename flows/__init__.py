@@ -1,6 +1,10 @@
-"""Prefect flows (``merge_flow``, ``watch_flow``) and the stage CLI that DVC runs (``flows.stages``).
+"""Prefect flows: they compose the tasks of ``tasks/`` and hold no logic of their own.
 
-Importing the package applies the quiet/offline defaults of ``flows.settings`` before Prefect loads.
+``merge_flow`` (one merge: pin, norms, merge, evaluate, report, register), ``watch_flow`` (merge
+again when an input changed), ``study`` (the demo's comparison of every method), ``demo`` (``make
+demo``), and ``stages``, the command DVC runs (plain ``pipeline`` functions, no Prefect).
+
+Importing the package applies the quiet/offline defaults of ``pipeline_env`` before Prefect loads.
 """
 
-from . import settings  # noqa: F401  (side effect: environment defaults)
+import pipeline_env  # noqa: F401  (side effect: environment defaults)

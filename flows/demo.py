@@ -31,13 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     tracking = _defaults(workdir)
 
     from flows.study import study_flow  # after the environment: Prefect reads it on import
-    from metamerge.errors import MergeError
+    from metamerge.errors import run_cli
 
-    try:
-        result = study_flow(workdir=str(workdir), size=args.size, seed=args.seed, tracking_uri=tracking)
-    except MergeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _run(study_flow, workdir, args, tracking))
+
+
+def _run(study_flow, workdir: Path, args, tracking: str) -> int:
+    result = study_flow(workdir=str(workdir), size=args.size, seed=args.seed, tracking_uri=tracking)
     print(result["table"])
     print(f"\nTable, plots and JSON: {result['dir']}")
     print(f"Merged models: {workdir / 'merges'}")

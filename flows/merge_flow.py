@@ -4,7 +4,8 @@ Run it as plain Python (Prefect's ephemeral mode, no server needed)::
 
     python -m flows.merge_flow params/demo.yaml
 
-Every step is a cached, retryable task (``tasks/``); this file only composes them.
+Every step is a cached, retryable task (``tasks/``) over a plain function of ``pipeline/``; this
+file only composes them.
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from flows import settings  # noqa: F401  (environment defaults before Prefect loads)
+import pipeline_env  # noqa: F401  (environment defaults before Prefect loads)
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks import steps
+from pipeline import keys, reports, steps, store
+from pipeline.params import load_params
 from tasks.download import download
 from tasks.evaluate import benchmark, evaluate, report
 from tasks.merge import merge
-from tasks.params import load_params
 from tasks.register import register
 from tasks.task_vectors import compute_norms, extract_task_vectors
 
@@ -66,19 +67,19 @@ def merge_flow(recipe: str | dict[str, Any] = "params/demo.yaml") -> dict[str, A
     p = params.to_dict()
     run = StepStates()
 
-    refs = steps.input_refs(params)
+    refs = keys.input_refs(params)
     pins = dict(zip(refs, run.gather([run.submit(f"download[{r}]", download, r) for r in refs])))
 
     sqnorms = {}
-    for ref in steps.fine_tunes(params):
+    for ref in keys.fine_tunes(params):
         if params.recipe.base_model:
             run.run(f"extract_task_vectors[{ref}]", extract_task_vectors, p, pins, ref,
                     refresh=not steps.task_vector_done(params, pins, ref))
-        if steps.needs_norms(params):
+        if keys.needs_norms(params):
             sqnorms[ref] = run.run(f"compute_norms[{ref}]", compute_norms, p, pins, ref)
 
     # a cached result is a path: recompute if that merge was deleted since
-    out = steps.merge_dir(params, pins)
+    out = store.merge_dir(params, pins)
     info = run.run("merge", merge, p, pins, sqnorms, refresh=steps.existing_merge(params, pins, out) is None)
 
     scores = {}
@@ -89,14 +90,14 @@ def merge_flow(recipe: str | dict[str, Any] = "params/demo.yaml") -> dict[str, A
     benchmarks = None
     if params.pipeline.eval.lm_eval is not None:
         benchmarks = run.run("benchmark[merged]", benchmark, p, info["model_dir"], info["revision"])
-    rdir = steps.report_dir(params, info["model_dir"])
+    rdir = store.report_dir(params, info["model_dir"])
     rep = run.run("report", report, p, info, scores, benchmarks,
-                  refresh=not steps.report_done(rdir, with_eval=bool(scores)))
+                  refresh=not reports.report_done(rdir, with_eval=bool(scores)))
     registered = run.run("register", register, p, info, rep["summary"], sorted(rep["files"].values()))
 
-    create_markdown_artifact(steps.render_markdown(params, info, rep["summary"]), key=_artifact_key(params.name),
+    create_markdown_artifact(reports.render_markdown(params, info, rep["summary"]), key=_artifact_key(params.name),
                              description=f"metamerge: lambdas per layer and scores of {params.name}")
-    if rows := steps.score_rows(rep["summary"]):
+    if rows := reports.score_rows(rep["summary"]):
         create_table_artifact(rows, key=_artifact_key(f"{params.name}-scores"),
                               description="per-task scores of the merged model, the base and the experts")
     return {"model_dir": info["model_dir"], "report_dir": rep["dir"], "revision": info["revision"],
@@ -106,18 +107,13 @@ def merge_flow(recipe: str | dict[str, Any] = "params/demo.yaml") -> dict[str, A
 
 def run_from_command_line(module: str, argv: list[str] | None, run) -> int:
     """``python -m MODULE PARAMS.yaml``: ``run(path)`` returns the line to print; errors are one line."""
-    from metamerge.errors import MergeError
+    from metamerge.errors import run_cli
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print(f"usage: python -m {module} PARAMS.yaml", file=sys.stderr)
         return 2
-    try:
-        print(run(args[0]))
-    except MergeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: print(run(args[0])))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from flows import settings  # noqa: F401  (environment defaults before Prefect loads)
+import pipeline_env  # noqa: F401  (environment defaults before Prefect loads)
 from prefect import flow, get_run_logger
 
 from flows.merge_flow import StepStates, merge_flow, run_from_command_line
-from tasks import steps
+from pipeline import keys, steps, store
+from pipeline.params import load_params
+from pipeline.watch import watched_additions
 from tasks.download import download
-from tasks.params import load_params
 
 
 @flow(name="metamerge-watch")
@@ -28,18 +29,18 @@ def watch_flow(recipe: str | dict[str, Any] = "params/demo.yaml") -> dict[str, A
     changed)."""
     logger = get_run_logger()
     params = load_params(recipe)
-    added = steps.watched_additions(params)
+    added = watched_additions(params)
     current = params.with_models(added) if added else params
     run = StepStates()
-    refs = steps.input_refs(current)
+    refs = keys.input_refs(current)
     pins = dict(zip(refs, run.gather([run.submit(f"download[{r}]", download, r) for r in refs])))
 
-    out = steps.merge_dir(current, pins)
+    out = store.merge_dir(current, pins)
     if steps.existing_merge(current, pins, out) is not None:
         logger.info(f"nothing changed: {len(refs)} watched input(s) at the revisions of {out}; no merge")
         return {"changed": False, "added": [], "model_dir": str(out), "merge": None, "steps": run.states}
     what = f"new fine-tune(s) {', '.join(a['model'] for a in added)}" if added else "new revision(s)"
-    logger.info(f"change detected ({what}): merging {len(steps.fine_tunes(current))} model(s)")
+    logger.info(f"change detected ({what}): merging {len(keys.fine_tunes(current))} model(s)")
     result = merge_flow(current.to_dict())
     return {"changed": True, "added": [a["model"] for a in added], "model_dir": result["model_dir"],
             "merge": result, "steps": run.states}

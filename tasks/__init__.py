@@ -1,7 +1,8 @@
-"""The pipeline steps: plain functions (``tasks.steps``) and the Prefect tasks that wrap them.
+"""Prefect tasks: thin wrappers over the plain step functions of ``pipeline``.
 
-``tasks.steps`` imports no Prefect, so the DVC stages (``python -m flows.stages``) run the very same
-code without starting an orchestrator. Importing the package applies ``flows.settings`` first.
+Each task calls one pipeline function and declares, where it is defined, what Prefect adds: its
+retries, its cache key (the content key the step itself stores its result under), its concurrency.
+Importing the package applies ``pipeline_env``'s defaults before Prefect loads.
 """
 
-from flows import settings  # noqa: F401  (side effect: environment defaults before Prefect loads)
+import pipeline_env  # noqa: F401  (side effect: environment defaults before Prefect loads)

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from prefect import get_run_logger
 
-from .params import Params, load_params
+from pipeline.params import Params, load_params
 
 
 def log() -> Callable[[str], None]:
@@ -31,3 +31,12 @@ def keyed(make_key: Callable[..., str]) -> Callable[[Any, dict[str, Any]], str]:
 
     cache_key.__name__ = f"key_of_{make_key.__name__}"
     return cache_key
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """A Prefect ``retry_condition_fn``: retry network and I/O errors only (``pipeline.retry``);
+    a 404 or a bad revision fails at once."""
+    from pipeline import retry
+
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(exc, BaseException) and retry.is_transient(exc)

@@ -6,14 +6,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from . import steps
-from .common import log
+from pipeline import steps
 
-
-def retry_if_transient(task, task_run, state) -> bool:
-    """Retry network and I/O errors only; a 404 or a bad revision fails at once."""
-    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
-    return isinstance(exc, BaseException) and steps.is_transient(exc)
+from .common import log, retry_if_transient
 
 
 # Never cached: pinning is how a new hub revision or a changed folder is noticed at all.

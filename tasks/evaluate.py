@@ -1,16 +1,18 @@
-"""``evaluate`` (one model on every eval set) and ``report`` (the files DVC and the UI show)."""
+"""``evaluate`` (one model on every eval set), ``benchmark`` (lm-eval) and ``report`` (the files DVC
+and the UI show)."""
 
 from __future__ import annotations
 
 from prefect import task
 
-from . import steps
+from pipeline import keys, reports, steps, store
+
 from .common import keyed, load, log
 
 
 def _eval_key(params: dict, model_dir: str, revision: str) -> str:
     # the revision is the model's content (a pinned input, or the merged model's file hashes)
-    return steps.eval_key(load(params), revision)
+    return keys.eval_key(load(params), revision)
 
 
 @task(name="evaluate", cache_key_fn=keyed(_eval_key), persist_result=True)
@@ -20,7 +22,7 @@ def evaluate(params: dict, model_dir: str, revision: str) -> dict[str, dict]:
 
 
 def _benchmark_key(params: dict, model_dir: str, revision: str) -> str:
-    return steps.benchmark_key(load(params), revision)
+    return keys.benchmark_key(load(params), revision)
 
 
 @task(name="benchmark", cache_key_fn=keyed(_benchmark_key), persist_result=True)
@@ -31,18 +33,18 @@ def benchmark(params: dict, model_dir: str, revision: str) -> dict[str, dict]:
 
 def _report_key(params: dict, info: dict, scores: dict, benchmarks: dict | None = None) -> str:
     p = load(params)
-    return "report-" + steps.digest({"merge": info["revision"], "scores": scores, "lm_eval": benchmarks or {},
-                                     "experts": p.pipeline.experts,
-                                     "dir": str(steps.report_dir(p, info["model_dir"])),
-                                     "code": steps.code_version("evaluate")})
+    return "report-" + keys.digest({"merge": info["revision"], "scores": scores, "lm_eval": benchmarks or {},
+                                    "experts": p.pipeline.experts,
+                                    "dir": str(store.report_dir(p, info["model_dir"])),
+                                    "code": keys.code_version("evaluate")})
 
 
 @task(name="report", cache_key_fn=keyed(_report_key), persist_result=True)
 def report(params: dict, info: dict, scores: dict, benchmarks: dict | None = None) -> dict:
     """merge.json, lambdas.csv/png, eval.json/csv, metrics.json, scores.png beside the merge."""
     p = load(params)
-    out = steps.report_dir(p, info["model_dir"])
+    out = store.report_dir(p, info["model_dir"])
     summary = steps.summarize(p, scores, benchmarks)
-    files = {**steps.write_merge_report(info, out), **steps.write_eval_report(summary, out)}
+    files = {**reports.write_merge_report(info, out), **reports.write_eval_report(summary, out)}
     log()(f"report: {out}")
     return {"dir": str(out), "files": files, "summary": summary}

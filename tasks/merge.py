@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from prefect import task
 
-from . import steps
+from pipeline import keys, steps, store
+
 from .common import keyed, load, log
 
 
 def _merge_key(params: dict, pins: dict, sqnorms: dict | None = None) -> str:
     p = load(params)
     # the output location is part of what is cached (the result is a path to it)
-    return steps.merge_key(p, pins) + "-" + steps.digest(str(steps.merge_dir(p, pins)))[:8]
+    return keys.merge_key(p, pins) + "-" + keys.digest(str(store.merge_dir(p, pins)))[:8]
 
 
 @task(name="merge", cache_key_fn=keyed(_merge_key), persist_result=True)

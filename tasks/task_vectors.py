@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from prefect import task
 
-from . import steps
+from pipeline import keys, steps, store
+
 from .common import keyed, load, log
 
 
 def _tv_key(params: dict, pins: dict, ref: str) -> str:
     p = load(params)
-    where = str(steps.task_vector_dir(p, pins, ref)) if p.pipeline.materialize_task_vectors else None
-    return steps.task_vector_key(p, pins, ref) + "-" + steps.digest(where)[:8]
+    where = str(store.task_vector_dir(p, pins, ref)) if p.pipeline.materialize_task_vectors else None
+    return keys.task_vector_key(p, pins, ref) + "-" + keys.digest(where)[:8]
 
 
 @task(name="extract_task_vectors", cache_key_fn=keyed(_tv_key), persist_result=True)
@@ -22,11 +23,11 @@ def extract_task_vectors(params: dict, pins: dict, ref: str) -> dict:
 
 def _norms_key(params: dict, pins: dict, ref: str) -> str:
     p = load(params)
-    return steps.norms_key(p, pins, ref, steps.device_type(p))
+    return keys.norms_key(p, pins, ref, keys.device_type(p))
 
 
 @task(name="compute_norms", cache_key_fn=keyed(_norms_key), persist_result=True)
 def compute_norms(params: dict, pins: dict, ref: str) -> dict[str, float]:
-    """||tau_t||^2 per tensor, keyed by (base revision, fine-tune revision, method parameters, code):
-    when a new fine-tune lands, only its norms are computed."""
+    """||tau_t||^2 per tensor, keyed by (base revision, fine-tune revision, what the method's
+    statistic depends on, code): when a new fine-tune lands, only its norms are computed."""
     return steps.norms(load(params), pins, ref, log=log())

@@ -42,9 +42,9 @@ def test_dvc_repro_then_nothing_then_push_pull(tiny_models, tmp_path):
     sh([DVC, "config", "core.check_update", "false"], repo)
     sh([DVC, "remote", "add", "-d", "local", str(tmp_path / "remote")], repo)
     # the project as the stages see it: its code (a dependency), its dvc.yaml, its venv
-    for name in ("metamerge", "tasks", "flows", "modelregistry"):
+    for name in ("metamerge", "scenarios", "evaluation", "modelregistry", "pipeline", "tasks", "flows"):
         shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in ("pipeline_env.py", "dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, repo / name)
     (repo / ".venv").symlink_to(Path(sys.executable).parent.parent)
     data = repo / "data"

@@ -18,8 +18,8 @@ import pytest
 from pipeline_helpers import params_for
 
 from metamerge.errors import MergeError
-from tasks import steps
-from tasks.params import load_params
+from pipeline import reports, steps
+from pipeline.params import load_params
 
 STAND_IN = textwrap.dedent('''
     import json, os
@@ -96,7 +96,7 @@ def test_benchmark_step_calls_the_harness_once_per_revision(tiny_models, tmp_pat
 
 
 def test_results_reach_eval_json_and_mlflow_metrics(tiny_models, tmp_path, stand_in):
-    from modelregistry.register import score_metrics
+    from modelregistry.metrics import score_metrics
 
     params = load_params(_params(tiny_models, tmp_path), "p.yaml")
     bench = steps.benchmark(params, tiny_models["ft-a"], "rev-1")
@@ -104,7 +104,7 @@ def test_results_reach_eval_json_and_mlflow_metrics(tiny_models, tmp_path, stand
                                  "n_exact": 1, "max_new_tokens": 4}}}
     summary = steps.summarize(params.model_copy(update={"pipeline": params.pipeline.model_copy(
         update={"experts": {}})}), scores, bench)
-    steps.write_eval_report(summary, tmp_path / "report")
+    reports.write_eval_report(summary, tmp_path / "report")
     written = json.loads((tmp_path / "report" / "eval.json").read_text())
     assert written["lm_eval"]["hellaswag"]["acc,none"] == 0.5
     assert written["scores"]["merged"]["add"]["exact_match"] == 0.5
@@ -119,7 +119,7 @@ def test_benchmarks_alone_without_eval_sets_still_write_eval_json(tiny_models, t
     p["pipeline"].pop("eval_sets")
     params = load_params(p, "p.yaml")
     bench = steps.benchmark(params, tiny_models["base"], "rev-b")
-    files = steps.write_eval_report(steps.summarize(params, {}, bench), tmp_path / "r")
+    files = reports.write_eval_report(steps.summarize(params, {}, bench), tmp_path / "r")
     assert json.loads((tmp_path / "r" / "eval.json").read_text()) == {"lm_eval": bench}
     assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == {}
     assert set(files) == {"metrics", "json"}

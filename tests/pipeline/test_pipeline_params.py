@@ -10,7 +10,7 @@ import yaml
 
 from metamerge.errors import MergeError
 from pipeline_helpers import params_for
-from tasks.params import load_params
+from pipeline.params import load_params
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,10 +90,10 @@ def test_stage_cli_reports_errors_in_one_line(tmp_path, capsys):
 def test_task_vectors_are_base_free_deltas_when_materialised(tiny_models, tmp_path):
     from safetensors.torch import load_file
 
-    from tasks import steps
+    from pipeline import keys, steps
 
     params = load_params(params_for(tiny_models, tmp_path, materialize_task_vectors=True))
-    pins = {ref: steps.pin(ref) for ref in steps.input_refs(params)}
+    pins = {ref: steps.pin(ref) for ref in keys.input_refs(params)}
     ref = str(tiny_models["ft-a"])
     info = steps.task_vectors(params, pins, ref)
     assert info["materialized"] and steps.task_vector_done(params, pins, ref)
@@ -135,7 +135,7 @@ def test_scenario_stage_reuses_an_up_to_date_build_in_data_dir(tiny_scenario, tm
     assert (data / "scenario.json").stat().st_mtime_ns == stamp  # same settings: not rebuilt
     assert "scenario tiny, seed 0" in capsys.readouterr().err
     # other settings than the build's: it would rebuild; a seed is part of what must match
-    from metamerge.scenario.build import _build_params, _cached
+    from scenarios.build import _build_params, _cached
 
     assert _cached(data, _build_params("tiny", 1)) is None
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from metamerge.errors import MergeError
-from tasks import steps
+from pipeline import retry, steps
 
 
 def run_download(ref: str):
@@ -121,11 +121,11 @@ def test_which_errors_are_transient():
     def http(status: int) -> HfHubHTTPError:
         return HfHubHTTPError("x", response=httpx2.Response(status, request=httpx2.Request("GET", "https://h")))
 
-    assert steps.is_transient(OSError(errno.EIO, "I/O error"))
-    assert steps.is_transient(TimeoutError())
-    assert steps.is_transient(http(503)) and steps.is_transient(http(429))
-    assert not steps.is_transient(http(404)) and not steps.is_transient(http(401))
-    assert steps.is_transient(chained(MergeError("unreachable"), httpx2.ConnectError("reset")))
-    assert not steps.is_transient(chained(MergeError("offline"), OfflineModeIsEnabled("offline")))
-    assert not steps.is_transient(MergeError("model 'x': no such directory"))
-    assert not steps.is_transient(FileNotFoundError("gone"))
+    assert retry.is_transient(OSError(errno.EIO, "I/O error"))
+    assert retry.is_transient(TimeoutError())
+    assert retry.is_transient(http(503)) and retry.is_transient(http(429))
+    assert not retry.is_transient(http(404)) and not retry.is_transient(http(401))
+    assert retry.is_transient(chained(MergeError("unreachable"), httpx2.ConnectError("reset")))
+    assert not retry.is_transient(chained(MergeError("offline"), OfflineModeIsEnabled("offline")))
+    assert not retry.is_transient(MergeError("model 'x': no such directory"))
+    assert not retry.is_transient(FileNotFoundError("gone"))

@@ -17,7 +17,7 @@
       materialize_task_vectors: false
 
 Relative paths (model references, output_root, eval sets) are relative to the working directory,
-as for ``metamerge merge``. Every problem is one ``MergeError`` line.
+as for ``metamerge merge``. Every problem is one ``InputError`` line.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from metamerge.errors import MergeError
+from metamerge.errors import InputError
 from metamerge.recipe import Recipe, parse_recipe
+from metamerge.validation import first_error, read_yaml
 
 
 class _Strict(BaseModel):
@@ -69,7 +70,7 @@ class WatchRef(_Strict):
 
 
 class ScenarioParams(_Strict):
-    """The demo's scenario (``metamerge.scenario``), built into ``data_dir`` by DVC's first stage."""
+    """The demo's scenario (``scenarios``), built into ``data_dir`` by DVC's first stage."""
 
     size: Literal["demo", "tiny"] = "demo"
     seed: int = 0
@@ -145,43 +146,26 @@ class Params(BaseModel):
         return load_params(data, self.source)
 
 
-def _first_error(exc: ValidationError, source: str) -> MergeError:
-    errors = exc.errors()
-    # a union (watch entries) reports every alternative: an unknown key is the useful one
-    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = [str(p) for p in err["loc"] if not str(p).startswith(("str", "WatchRef", "WatchDir"))]
-    where = ".".join(loc) or "params"
-    if err["type"] == "extra_forbidden":
-        return MergeError(f"{source}: unknown key '{where}': remove it or check its spelling")
-    if err["type"] == "missing":
-        return MergeError(f"{source}: missing required key '{where}'")
-    msg = err["msg"].removeprefix("Value error, ")
-    return MergeError(f"{source}: bad value for '{where}': {msg}")
+def _first_error(exc: ValidationError, source: str) -> InputError:
+    # the watch list is a union (a string or a mapping): pydantic reports every alternative
+    return first_error(exc, source, "params", prefer_unknown_key=True, hidden_loc=("str", "WatchRef", "WatchDir"))
 
 
 def load_params(params: "str | os.PathLike | Mapping[str, Any] | Params", source: str | None = None, *,
                 check_files: bool = True) -> Params:
-    """Read (if a path) and validate a params file; every problem is a one-line ``MergeError``.
+    """Read (if a path) and validate a params file; every problem is a one-line ``InputError``.
 
     ``check_files=False`` checks the schema only (eval-set files need not exist yet).
     """
     if isinstance(params, Params):
         return params
     if isinstance(params, (str, os.PathLike)):
-        path = Path(params)
-        source = source or str(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise MergeError(f"cannot read params file {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise MergeError(f"{path}:{line} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        source = source or str(Path(params))
+        data = read_yaml(params, "params file")
     else:
         data, source = params, source or "params"
     if not isinstance(data, Mapping):
-        raise MergeError(f"{source}: a params file is a mapping with `recipe:` and `pipeline:`")
+        raise InputError(f"{source}: a params file is a mapping with `recipe:` and `pipeline:`")
     try:
         raw = _File.model_validate(dict(data))
     except ValidationError as exc:
@@ -201,25 +185,25 @@ def registry_config(pipeline: PipelineParams, source: str = "params"):
         return RegistryConfig.model_validate(pipeline.registry)
     except ValidationError as exc:
         err = _first_error(exc, source)
-        raise MergeError(str(err).replace(f"{source}: ", f"{source}: pipeline.registry: ", 1)) from None
+        raise InputError(str(err).replace(f"{source}: ", f"{source}: pipeline.registry: ", 1)) from None
 
 
 def _check(recipe: Recipe, pipeline: PipelineParams, source: str, check_files: bool) -> None:
     """Cross-field checks that pydantic alone cannot express."""
     registry_config(pipeline, source)
     if check_files and pipeline.eval.lm_eval is not None and importlib.util.find_spec("lm_eval") is None:
-        raise MergeError(f"{source}: pipeline.eval.lm_eval names benchmarks but lm-evaluation-harness is not "
+        raise InputError(f"{source}: pipeline.eval.lm_eval names benchmarks but lm-evaluation-harness is not "
                          "installed: .venv/bin/pip install lm-eval, or remove pipeline.eval.lm_eval")
     for task, path in pipeline.eval_sets.items():
         if check_files and not Path(path).expanduser().is_file():
-            raise MergeError(f"{source}: eval set '{task}': no such file {Path(path).absolute()}")
+            raise InputError(f"{source}: eval set '{task}': no such file {Path(path).absolute()}")
     refs = {m.model for m in recipe.models}
     for task, ref in pipeline.experts.items():
         if task not in pipeline.eval_sets:
-            raise MergeError(f"{source}: experts: task '{task}' has no eval set under pipeline.eval_sets")
+            raise InputError(f"{source}: experts: task '{task}' has no eval set under pipeline.eval_sets")
         if ref not in refs:
-            raise MergeError(f"{source}: experts: '{ref}' (expert of '{task}') is not a model of the recipe")
+            raise InputError(f"{source}: experts: '{ref}' (expert of '{task}') is not a model of the recipe")
     if pipeline.experts and set(pipeline.experts) != set(pipeline.eval_sets):
         missing = sorted(set(pipeline.eval_sets) - set(pipeline.experts))
-        raise MergeError(f"{source}: experts: no expert for task(s) {', '.join(missing)}; "
+        raise InputError(f"{source}: experts: no expert for task(s) {', '.join(missing)}; "
                          "name one per eval set, or none")

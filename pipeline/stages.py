@@ -1,0 +1,129 @@
+"""The pipeline's steps as DVC stages (``dvc.yaml``): the same functions the Prefect tasks call.
+
+    python -m flows.stages STAGE PARAMS.yaml [--dir DIR]
+
+STAGE is one of scenario, validate, download, task-vectors, norms, merge, evaluate, register. Stages hand
+each other small files in DIR (default ``<output_root>/dvc``)::
+
+    scenario      -> <data_dir>           the demo's models and eval sets (only with pipeline.scenario)
+    download      -> pins.json            every input reference pinned (revision, path, file hashes)
+    task-vectors  -> task_vectors.json    streamed, or where each materialised tau_t lies
+    norms         -> norms.json           ||tau_t||^2 per fine-tune and tensor
+    merge         -> model/, merge.json, lambdas.csv, lambdas.png, cosine.png
+    evaluate      -> eval.json, eval.csv, metrics.json, scores.png
+    register      -> registry.json
+
+Work is stored under content keys in ``<output_root>/.cache`` as in the flow, so a stage that
+reruns because one input changed redoes only what that input touches (one new fine-tune: one norm
+pass). No Prefect is imported. Errors are one line (``error: ...``, exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from metamerge.atomic import write_text_atomic
+from metamerge.errors import InputError, run_cli
+
+from . import reports, steps
+from .keys import fine_tunes, input_refs, needs_norms
+from .params import Params, load_params
+from .registry_bridge import register
+from .store import read_json
+
+STAGES = ("scenario", "validate", "download", "task-vectors", "norms", "merge", "evaluate", "register")
+REPORT_FILES = ("merge.json", "eval.json", "eval.csv", "metrics.json", "lambdas.csv", "lambdas.png", "cosine.png",
+                "scores.png")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _write(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def _read(path: Path, stage: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError:
+        raise InputError(f"{path} is missing: run the '{stage}' stage first (dvc repro runs them in order)") from None
+
+
+def build_data(params: Params) -> None:
+    """The ``scenario`` stage: build the demo scenario into ``data_dir`` (reused when already built
+    with the same settings), or, without ``pipeline.scenario``, check that ``data_dir`` is there."""
+    p = params.pipeline
+    if p.data_dir is None:
+        raise InputError(f"{params.source}: pipeline.data_dir is not set: DVC needs the folder of the inputs")
+    if p.scenario is None:
+        if not Path(p.data_dir).is_dir():
+            raise InputError(f"{params.source}: pipeline.data_dir {p.data_dir} does not exist: put the models "
+                             "there, or set pipeline.scenario to build the demo's")
+        _log(f"{p.data_dir}: given (no pipeline.scenario to build)")
+        return
+    from scenarios.build import build_scenario
+
+    m = build_scenario(p.data_dir, size=p.scenario.size, seed=p.scenario.seed, progress=False)
+    _log(f"{p.data_dir}: scenario {m.size}, seed {m.seed}, {m.num_parameters} parameters per model")
+
+
+def run_stage(stage: str, params: Params, workdir: Path) -> None:
+    if stage == "scenario":
+        build_data(params)
+        return
+    if stage == "validate":
+        steps.check_inputs(params)
+        _log(f"{params.source}: valid ({params.recipe.merge_method}, {len(fine_tunes(params))} model(s))")
+        return
+    if stage == "download":
+        steps.check_inputs(params)
+        _write(workdir / "pins.json", {ref: steps.pin(ref, _log) for ref in input_refs(params)})
+        return
+    pins = _read(workdir / "pins.json", "download")
+    tunes = fine_tunes(params)
+    if stage == "task-vectors":
+        tvs = {ref: steps.task_vectors(params, pins, ref, _log) for ref in tunes} if params.recipe.base_model else {}
+        _write(workdir / "task_vectors.json", tvs)
+    elif stage == "norms":
+        sq = {ref: steps.norms(params, pins, ref, _log) for ref in tunes} if needs_norms(params) else {}
+        _write(workdir / "norms.json", sq)
+    elif stage == "merge":
+        sq = _read(workdir / "norms.json", "norms")
+        info = steps.merge(params, pins, sq, out_dir=workdir / "model", log=_log)
+        reports.write_merge_report(info, workdir)
+    elif stage == "evaluate":
+        info = steps.merge_info(workdir / "model")
+        scores = {"merged": steps.evaluate(params, info["model_dir"], info["revision"], _log)}
+        for name, ref in steps.models_to_score(params, pins).items():
+            scores[name] = steps.evaluate(params, pins[ref]["path"], pins[ref]["revision"], _log)
+        benchmarks = steps.benchmark(params, info["model_dir"], info["revision"], _log)
+        reports.write_eval_report(steps.summarize(params, scores, benchmarks), workdir)
+    elif stage == "register":
+        info = steps.merge_info(workdir / "model")
+        summary = read_json(workdir / "eval.json") or {}
+        files = [workdir / n for n in REPORT_FILES if (workdir / n).is_file()]
+        lineage = {"dvc_lock": "dvc.lock"} if Path("dvc.lock").is_file() else {}
+        _write(workdir / "registry.json", register(params, info, summary, _log, lineage=lineage, extra_artifacts=files))
+    else:  # pragma: no cover - argparse restricts the choices
+        raise ValueError(stage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.stages", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("params", help="a pipeline params file (params.yaml, params/*.yaml)")
+    parser.add_argument("--dir", help="where stages exchange files (default: <output_root>/dvc)")
+    args = parser.parse_args(argv)
+
+    def stage() -> None:
+        # the scenario stage makes the eval sets the other stages check for
+        params = load_params(args.params, check_files=args.stage != "scenario")
+        run_stage(args.stage, params, Path(args.dir) if args.dir else params.output_root / "dvc")
+
+    return run_cli(stage)

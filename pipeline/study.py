@@ -1,0 +1,118 @@
+"""The demo study's steps as plain functions: build the scenario, check linearity, write the report.
+
+The comparison itself (every method through the merge flow) is composed in ``flows/study.py``; the
+pure parts (recipes, oracle, table, linearity measures) are ``evaluation.study``'s.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from metamerge.atomic import write_text_atomic
+from metamerge.refs import sha256_file
+from metamerge.report import MergeReport
+
+from .keys import code_version, digest
+from .registry_bridge import log_study
+
+
+def build_scenario(root: str, size: str, seed: int, progress: bool = True) -> dict:
+    """The small base and its fine-tunes; built once, then reused from disk (scenario.json)."""
+    from scenarios.build import build_scenario as build
+
+    m = build(root, size=size, seed=seed, progress=progress)
+    return {"base": str(m.base), "finetuned": {t: str(p) for t, p in m.finetuned.items()},
+            "eval_sets": {t: str(p) for t, p in m.eval_sets.items()}, "accuracy": m.accuracy,
+            "build_seconds": m.build_seconds}
+
+
+def linearity_key(base: str, finetuned: dict[str, str], eval_sets: dict[str, str],
+                  revisions: dict[str, str]) -> str:
+    """Content, not paths: the models' pinned revisions, the eval sets, the alphas, the code."""
+    from evaluation import study
+
+    return "linearity-" + digest({
+        "models": {ref: revisions[ref] for ref in [base, *finetuned.values()]},
+        "eval_sets": {t: sha256_file(Path(p)) for t, p in eval_sets.items()},
+        "alphas": list(study.ALPHAS), "code": [code_version("evaluate"), sha256_file(Path(study.__file__))]})
+
+
+def linearity(base: str, finetuned: dict[str, str], eval_sets: dict[str, str]) -> dict[str, list[float]]:
+    """Loss of theta_0 + alpha * tau_t on task t's own set, for each alpha in ``evaluation.study.ALPHAS``."""
+    from evaluation import load_eval_set, study
+
+    return {t: study.linearity_curve(base, ft, load_eval_set(eval_sets[t]), study.ALPHAS)
+            for t, ft in finetuned.items()}
+
+
+def pipeline_settings(name: str, workdir: Path, scn: dict, registry: dict | None) -> dict[str, Any]:
+    """The ``pipeline:`` section of one compared method's merge."""
+    return {"name": name, "output_root": str(workdir / "merges"), "eval_sets": scn["eval_sets"],
+            "experts": scn["finetuned"], **({"registry": registry} if registry else {})}
+
+
+def accuracy(summary: dict, model: str = "merged") -> dict[str, float | None]:
+    return {t: s.get("exact_match") for t, s in summary["scores"][model].items()}
+
+
+def _metric_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def write_report(workdir: str, scn: dict, results: dict, grid: dict, oracle: str, losses: dict,
+                 tracking_uri: str | None) -> dict:
+    """The table (markdown, JSON), plots, and an MLflow run holding them (with ``tracking_uri``)."""
+    from evaluation import plots, study
+
+    out = Path(workdir) / "study"
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = list(scn["finetuned"])
+    first = next(iter(results.values()))["summary"]
+    rows: dict[str, dict] = {"base": accuracy(first, "base")}
+    rows["experts (each on its own task)"] = {t: first["scores"][ft][t]["exact_match"] for t, ft in scn["finetuned"].items()}
+    for name, r in results.items():
+        rows[name] = accuracy(r["summary"])
+    lam = oracle.rsplit("_", 1)[-1]
+    rows[f"task_arithmetic_oracle (grid best, lambda={lam})"] = accuracy(grid[oracle]["summary"])
+    objective = {name: {"ALD": r["summary"].get("average_loss_difference"),
+                        "normalized": r["summary"].get("average_normalized_exact_match")}
+                 for name, r in {**results, f"task_arithmetic_oracle (lambda={lam})": grid[oracle]}.items()}
+    report = MergeReport.load(results["metagpt"]["model_dir"])
+    cosine = report.cosine
+    labels = [Path(m).name for m in report.models]
+    alphas = list(study.ALPHAS)
+    lin_err = {t: study.linearity_error(alphas, curve) for t, curve in losses.items()}
+
+    table = study.markdown_table(rows, tasks)
+    obj_lines = ["| method | ALD (lower is better) | mean normalised accuracy |", "|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    obj_lines += [f"| {n} | {fmt(o['ALD'])} | {fmt(o['normalized'])} |" for n, o in objective.items()]
+    off = [abs(cosine[i][j]) for i in range(len(cosine)) for j in range(len(cosine)) if i != j and cosine[i][j] is not None]
+    text = "\n".join([
+        "## Exact-match accuracy per task (held-out sets)", "", table, "",
+        "## MetaGPT's objective", "", *obj_lines, "",
+        "## The paper's assumptions, measured",
+        f"- Orthogonality: whole-model cosine similarity of task vectors, max |off-diagonal| = "
+        f"{max(off) if off else 0:.3f} (MetaGPT assumes close to 0).",
+        "- Linearity: max gap between loss(theta_0 + alpha tau_t) and its chord, relative to the rise: "
+        + ", ".join(f"{t} {e:.2f}" for t, e in lin_err.items()) + " (0 = straight line).",
+        "- MetaGPT lambdas (whole model): " + ", ".join(
+            f"{Path(k).name} {v:.3f}" for k, v in report.coefficients.items()), ""])
+    files = {
+        "study.md": write_text_atomic(out / "study.md", text),
+        "study.json": write_text_atomic(out / "study.json", json.dumps(
+            {"accuracy": rows, "objective": objective, "cosine": cosine, "labels": labels,
+             "linearity": {"alphas": alphas, "losses": losses, "error": lin_err},
+             "oracle": oracle, "grid": {k: accuracy(v["summary"]) for k, v in grid.items()}}, indent=1)),
+        "scores.png": plots.plot_scores(rows, out / "scores.png", title="Exact match per task", ylabel="accuracy"),
+        "cosine.png": plots.plot_cosine_heatmap(cosine, labels, out / "cosine.png"),
+        "linearity.png": plots.plot_linearity(alphas, losses, out / "linearity.png"),
+    }
+    run_id = None
+    if tracking_uri:
+        metrics = {f"avg_accuracy.{_metric_name(name)}": avg for name, scores in rows.items()
+                   if (avg := study.mean(scores.values())) is not None}
+        run_id = log_study(tracking_uri, metrics, list(files.values()))
+    return {"dir": str(out), "table": text, "files": {k: str(v) for k, v in files.items()}, "mlflow_run": run_id}
