@@ -13,11 +13,11 @@
       experts: {task: model reference}     # the fine-tune that is task's expert (for the objective)
       registry: {model_name: ..., ...}    # modelregistry.config.RegistryConfig
       watch: [ref, {dir: folder, parameters: {}}]
-      schedule: "0 3 * * *"
       materialize_task_vectors: false
 
 Relative paths (model references, output_root, eval sets) are relative to the working directory,
-as for ``metamerge merge``. Every problem is one ``InputError`` line.
+as for ``metamerge merge``. Every problem is one ``InputError`` line. When to run is not a param:
+the schedules are ``prefect.yaml``'s.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from metamerge.errors import InputError
 from metamerge.recipe import Recipe, parse_recipe
@@ -85,25 +85,10 @@ class PipelineParams(_Strict):
     eval: EvalParams = Field(default_factory=EvalParams)
     registry: dict[str, Any] | None = None  # a modelregistry.config.RegistryConfig mapping
     watch: list[str | WatchRef | WatchDir] = Field(default_factory=list)
-    schedule: str | None = None
     materialize_task_vectors: bool = False
     max_shard_size: str = "5GB"
     data_dir: str | None = None            # DVC: the folder of local models and eval sets it tracks
     scenario: ScenarioParams | None = None  # DVC: build the demo scenario into data_dir first
-
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, v: str | None) -> str | None:
-        if v is not None:
-            from datetime import datetime
-
-            from cronsim import CronSim, CronSimError  # comes with Prefect
-
-            try:
-                CronSim(v, datetime(2000, 1, 1))
-            except CronSimError as exc:
-                raise ValueError(f"'{v}' is not a cron expression ({exc})") from None
-        return v
 
     def watch_entries(self) -> list[WatchRef | WatchDir]:
         return [WatchRef(ref=w) if isinstance(w, str) else w for w in self.watch]
