@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from metamerge.device import resolve_device
+from metamerge.device import model_device, resolve_device
 from metamerge.errors import EvalSetError
 from metamerge.greedy import greedy_decode
 from metamerge.progress import progress_bar
@@ -80,13 +80,6 @@ def _safe_exp(x: float) -> float:
         return math.exp(x)
     except OverflowError:
         return math.inf
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -195,7 +188,7 @@ def evaluate_loaded(
     kind = examples_kind(examples)
     if device is not None:
         model.to(resolve_device(device))
-    run_device = _model_device(model)
+    run_device = model_device(model)
     bos, eos = special_ids(tokenizer)
     encoded = [encode(tokenizer, ex, bos=bos, eos=eos) for ex in examples]
     pad = pad_id(tokenizer)

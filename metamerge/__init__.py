@@ -1,8 +1,9 @@
-"""metamerge: the pure core of the merge pipeline.
+"""metamerge: the merge core.
 
-Tensor math, streaming safetensors I/O, recipes and diagnostics. Nothing in this package imports
-Prefect, MLflow or DVC: the pipeline (``tasks/``, ``flows/``) wraps it, and ``metamerge merge``
-runs it alone.
+Recipes, pinned model references, streaming safetensors I/O, checks, merge methods, norms,
+diagnostics, the engine, its report and model card, and the ``metamerge merge`` command. It knows
+nothing of the layers built on top of it, not even their names: they import the core, never the
+other way round, and ``metamerge merge`` runs it alone.
 """
 
 __version__ = "0.1.0"

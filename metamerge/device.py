@@ -1,4 +1,4 @@
-"""Which torch device a run uses: one rule for the merge, the norm pass and evaluation."""
+"""Which torch device a run uses: one rule for every command that computes (merge, norms, scoring)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,11 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if name not in ("cpu", "cuda"):
         raise InputError(f"unknown device '{name}': use cpu, cuda or auto")
     return torch.device(name)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's weights are (the CPU for a model without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")

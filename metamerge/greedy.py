@@ -2,8 +2,8 @@
 
 Not ``model.generate``: ``generate`` merges the checkpoint's ``generation_config`` (repetition
 penalties, suppressed tokens, sampling defaults), which would make "greedy" depend on what a
-fine-tune shipped. The evaluation's exact match and the demo scenario's accuracy both use this
-loop, so the two agree on what a model answers.
+fine-tune shipped. Every exact-match score of the project comes from this loop, so all of them
+agree on what a model answers.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import inspect
 from typing import Sequence
 
 import torch
+
+from .device import model_device
 
 
 @torch.no_grad()
@@ -22,7 +24,7 @@ def greedy_decode(model: torch.nn.Module, prompts: Sequence[list[int]], *, max_n
     Prompts of different lengths are left-padded; position ids come from the attention mask, so
     padding does not shift positions and a padded row computes what it would alone.
     """
-    device = device or _model_device(model)
+    device = device or model_device(model)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -57,10 +59,3 @@ def greedy_decode(model: torch.nn.Module, prompts: Sequence[list[int]], *, max_n
         step_pos = step_pos[:, -1:] + 1
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
     return out_tokens
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")

@@ -1,6 +1,6 @@
 """Progress bars for a person watching a terminal, and nothing anywhere else.
 
-A bar in a log file, a CI run, a DVC stage or captured test output is noise, so every bar of the
+A bar in a log file, a CI run, a batch job or captured test output is noise, so every bar of the
 project is drawn only when it is asked for *and* stderr is a terminal. A disabled bar still
 accepts ``update`` and ``set_postfix``, so callers never branch on it.
 """
