@@ -53,7 +53,8 @@ from metamerge.errors import MergeError
 from metamerge.refs import sha256_file
 from metamerge.report import MergeReport
 
-from .artifacts import EVAL_DIR, MERGE_DIR, MERGED_ARTIFACT, REFERENCE_ARTIFACT, SIDE_FILES, check_files, read_merged_dir
+from .artifacts import (EVAL_DIR, MERGE_DIR, MERGED_ARTIFACT, REFERENCE_ARTIFACT, SIDE_FILES, check_files,
+                        read_merged_dir)
 from .config import RegistryConfig, use_store
 from .lineage import lineage_tags
 from .metrics import number, report_params, score_metrics

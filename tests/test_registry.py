@@ -387,10 +387,9 @@ def test_champion_loads_from_registry_and_generates(registered, merged, config, 
 def test_register_by_reference_logs_a_pointer(merged, config):
     import mlflow
 
+    from modelregistry import model_files_dir, register_merge
     from modelregistry.audit import audit
     from modelregistry.config import use_store
-    from modelregistry.artifacts import model_files_dir
-    from modelregistry.register import register_merge
 
     ref_config = config.model_copy(update={"model_name": "tiny-merge-ref", "register_by_reference": True})
     scores, summary = _scores(0.7, {"arith": 0.7})
