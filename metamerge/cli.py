@@ -39,10 +39,8 @@ def _merge(args) -> int:
                           "output_bytes": plan.total_bytes, "tied": plan.aliases,
                           "vocab_rows_shared": plan.shared_rows}, indent=2))
         return 0
-    model = result.report.get("model", {})
     print(f"wrote {result.out_dir} ({len(plan.names)} tensors, {plan.total_bytes / 1e6:.1f} MB)")
-    coeffs = model.get("lambdas") or model.get("coefficients_mean") or {}
-    for ref, c in coeffs.items():
+    for ref, c in result.report.coefficients.items():
         print(f"  {ref}: {c:.6f}")
     return 0
 

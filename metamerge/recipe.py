@@ -68,6 +68,10 @@ class Recipe(BaseModel):
         """
         return [m for m in self.models if not (m.model == self.base_model and not m.parameters)]
 
+    def entry(self, ref: str) -> ModelEntry:
+        """The entry listing ``ref`` under ``models``, or a parameter-less one (an unlisted base)."""
+        return next((m for m in self.models if m.model == ref), None) or ModelEntry(model=ref)
+
     def sha256(self) -> str:
         """A content hash of the validated recipe, independent of YAML formatting."""
         return hashlib.sha256(self.model_dump_json(exclude_none=True).encode()).hexdigest()

@@ -284,6 +284,7 @@ def _model_card(provenance: Mapping[str, Any], report: Mapping[str, Any], scores
     """The merge's model card re-rendered with the scores (falls back to the README as merged)."""
     try:
         from metamerge.modelcard import render_model_card
+        from metamerge.report import MergeReport
 
         recipe_d = provenance.get("recipe") or {}
         recipe = SimpleNamespace(name=recipe_d.get("name"), merge_method=recipe_d.get("merge_method", report.get("method")))
@@ -293,7 +294,7 @@ def _model_card(provenance: Mapping[str, Any], report: Mapping[str, Any], scores
         models = [i for i, d in zip(ins, provenance.get("inputs", [])) if d.get("role") != "base"]
         table = {t: {k: v for k, v in (m or {}).items() if v is None or _number(v) is not None}
                  for t, m in (scores or {}).items()}
-        return render_model_card(recipe, dict(report), SimpleNamespace(base=base, models=models), scores=table or None,
+        return render_model_card(recipe, MergeReport.from_dict(dict(report)), SimpleNamespace(base=base, models=models), scores=table or None,
                                  reproduce="metamerge reproduce NAME VERSION OUT_DIR   # checks inputs and bit-identity")
     except Exception:  # the card is documentation: never fail a registration over it
         return fallback

@@ -89,35 +89,34 @@ def _method(params: Params):
 
 def needs_norms(params: Params) -> bool:
     """Whether the method weighs fine-tunes by whole-model norms (MetaGPT, granularity model)."""
-    return _method(params)(params.recipe).needs_model_sqnorms()
+    return _method(params)(params.recipe).needs_model_statistics()
 
 
 def fine_tunes(params: Params) -> list[str]:
     """The references that contribute a task vector (or, without a base, every merged model)."""
     cls = _method(params)
-    entries = params.recipe.fine_tunes() if cls.needs_base else params.recipe.models
+    entries = params.recipe.fine_tunes() if cls.uses_base(params.recipe) else params.recipe.models
     return [e.model for e in entries]
 
 
 def input_refs(params: Params) -> list[str]:
     """Every reference the merge reads, base first, each once."""
     r = params.recipe
-    refs = ([r.base_model] if _method(params).needs_base else []) + fine_tunes(params)
+    refs = ([r.base_model] if _method(params).uses_base(r) else []) + fine_tunes(params)
     if r.tokenizer_source not in (None, "base", "union"):
         refs.append(r.tokenizer_source)
     return list(dict.fromkeys(refs))
 
 
 def norms_key(params: Params, pins: dict[str, dict], ref: str, device: str) -> str:
-    """Per (base revision, fine-tune revision, method, its parameters, code): one fine-tune's norms."""
+    """Per (base revision, fine-tune revision, what the method says its statistic depends on,
+    device, code): one fine-tune's norms."""
     r = params.recipe
-    entry = next(e for e in r.models if e.model == ref)
+    method = _method(params)(r)
+    index = next(i for i, e in enumerate(method.entries) if e.model == ref)
     return "norms-" + digest({
         "base": pins[r.base_model]["revision"], "model": pins[ref]["revision"],
-        "method": r.merge_method, "parameters": r.parameters, "model_parameters": entry.parameters,
-        "dtype": r.dtype, "device": device, "code": code_version("engine"),
-        # DARE's random mask is seeded with the reference itself
-        "seed_key": ref if r.parameters.get("sparsify") == "dare" else None,
+        **method.statistics_key(index), "device": device, "code": code_version("engine"),
     })
 
 
@@ -281,14 +280,14 @@ def _write_task_vector(params: Params, pins: dict[str, dict], ref: str, out: Pat
 def norms(params: Params, pins: dict[str, dict], ref: str, log: Log = _quiet) -> dict[str, float]:
     """||tau_t||^2 per tensor for one fine-tune (after the method's sparsification), on the GPU
     when there is one; stored under its key, so a fine-tune's norms are computed once."""
-    from metamerge.engine import MergeOptions, compute_sqnorms, open_inputs, resolve_device
+    from metamerge.engine import MergeOptions, compute_statistics, open_inputs, resolve_device
 
     device = resolve_device(params.pipeline.device)
 
     def compute() -> dict[str, float]:
         inputs = open_inputs(_one_model_recipe(params, ref), MergeOptions(progress=False), resolved(pins))
         log(f"norms of {ref}: {len(inputs.plan.names)} tensors on {device.type}")
-        (sq,) = compute_sqnorms(inputs, [0], device, progress=False)
+        (sq,) = compute_statistics(inputs, [0], device, progress=False)
         log(f"norms of {ref}: ||tau||^2 = {sum(sq.values()):.6g}")
         return sq
 
@@ -320,7 +319,7 @@ def existing_merge(params: Params, pins: dict[str, dict], model_dir: str | Path)
     if not prov or prov.get("recipe_sha256") != params.recipe.sha256():
         return None
     revisions = {i["ref"]: i["revision"] for i in prov.get("inputs", [])}
-    merged = ([params.recipe.base_model] if _method(params).needs_base else []) + fine_tunes(params)
+    merged = ([params.recipe.base_model] if _method(params).uses_base(params.recipe) else []) + fine_tunes(params)
     if any(revisions.get(ref) != pins[ref]["revision"] for ref in merged):
         return None
     if not all((model_dir / f).is_file() for f in prov.get("outputs", {})) or \
@@ -343,7 +342,7 @@ def merge(params: Params, pins: dict[str, dict], sqnorms: dict[str, dict[str, fl
     options = MergeOptions(device=params.pipeline.device, overwrite=True, progress=False,
                            max_shard_size=params.pipeline.max_shard_size)
     log(f"merge: {params.recipe.merge_method} of {len(fine_tunes(params))} model(s) into {out}")
-    engine_merge(params.recipe, out, options, sqnorms=sqnorms or None, resolved=resolved(pins),
+    engine_merge(params.recipe, out, options, stats=sqnorms or None, resolved=resolved(pins),
                  recipe_text=params.recipe_text(), log=log)
     return merge_info(out, key)
 
