@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 
 from .errors import MergeError
 
@@ -65,7 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Recipe warnings as one line each, like errors: ``warning: <message>``."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
