@@ -46,6 +46,13 @@ def _merge(args) -> int:
     return 0
 
 
+def _methods(args) -> int:
+    from .methods.catalog import methods_table
+
+    print(methods_table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metamerge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-shard-size", default="5GB")
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(func=_merge)
+    ls = sub.add_parser("methods", help="list the merge methods and their parameters (a markdown table)")
+    ls.set_defaults(func=_methods)
     for name, module in EXTERNAL.items():
         p = sub.add_parser(name, help=f"(registry) {name}; see README")
         p.set_defaults(external=module, command=name)
