@@ -7,7 +7,6 @@ import torch
 
 from metamerge.methods.metagpt import metagpt_lambdas, squared_norm
 
-
 # ------------------------------------------------------------------------------ metagpt_lambdas
 
 

@@ -94,6 +94,16 @@ def test_rescale_l1_tiny_original_norm_leaves_kept_as_is():
     tau = torch.full((4,), 1e-9)
     kept = torch.tensor([1e-9, 0.0, 0.0, 0.0])
     assert torch.equal(sp.rescale_l1(tau, kept), kept)
+    # Below 1e-7 the original norm is not trusted, even when the kept one is larger.
+    tau = torch.full((4,), 1e-8, dtype=torch.float64)
+    kept = tau * 4  # L1 1.6e-7
+    assert torch.equal(sp.rescale_l1(tau, kept), kept)
+
+
+def test_rescale_l1_just_above_the_guard_rescales():
+    tau = torch.full((2,), 1e-7, dtype=torch.float64)    # L1 2e-7
+    kept = torch.tensor([1e-7, 0.0], dtype=torch.float64)  # L1 1e-7, not below the guard
+    assert sp.rescale_l1(tau, kept).tolist() == pytest.approx([2e-7, 0.0], rel=1e-12)
 
 
 def test_rescale_l1_nothing_kept_gives_zeros_not_nan():
