@@ -9,6 +9,7 @@ unknown is a typo and refused too. ``vocab_policy`` is metamerge's own addition.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -73,11 +74,24 @@ class Recipe(BaseModel):
         return next((m for m in self.models if m.model == ref), None) or ModelEntry(model=ref)
 
     def sha256(self) -> str:
-        """A content hash of the validated recipe, independent of YAML formatting."""
-        return hashlib.sha256(self.model_dump_json(exclude_none=True).encode()).hexdigest()
+        """A content hash of the validated recipe, independent of YAML formatting: mapping keys
+        in any order, and a number written ``1`` or ``1.0``, hash the same."""
+        text = json.dumps(_canonical(self.model_dump(exclude_none=True)), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_none=True, exclude_defaults=True), sort_keys=False)
+
+
+def _canonical(value: Any) -> Any:
+    """Numbers as floats (bools stay bools), recursively; key order is left to ``sort_keys``."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _first_error(exc: ValidationError, source: str) -> MergeError:
@@ -115,6 +129,8 @@ def load_recipe(path: str | Path) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise MergeError(f"cannot read recipe {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise MergeError(f"{path}: is not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

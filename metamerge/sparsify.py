@@ -32,9 +32,9 @@ def magnitude(tau: torch.Tensor, density: float, *, rescale: bool = False) -> to
     k = max(1, int(density * tau.numel()))
     w = tau.abs().reshape(-1).float()
     top = torch.argsort(w, descending=True)[:k]
-    mask = torch.zeros_like(tau)
-    mask.view(-1)[top] = 1
-    kept = tau * mask
+    mask = torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device)
+    mask[top] = 1
+    kept = tau * mask.reshape(tau.shape)
     return rescale_l1(tau, kept) if rescale else kept
 
 
