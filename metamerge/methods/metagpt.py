@@ -21,6 +21,7 @@ import torch
 
 from .. import sparsify as sp
 from .base import MergeMethod, MergeOutput, Param, TensorJob, register
+from .params import leaves
 from .sparsifiers import DENSITY, SPARSIFIERS
 
 
@@ -69,7 +70,9 @@ class MetaGPT(MergeMethod):
         return self.recipe.parameters.get("granularity", "model") != "tensor"
 
     def random_sparsification(self) -> bool:
-        return SPARSIFIERS[SPARSIFY[self.recipe.parameters.get("sparsify", "none")]].random
+        # any value the setting can take (a filter list or a list over layers too) may draw masks
+        values = leaves(self.recipe.parameters.get("sparsify", "none"))
+        return any(SPARSIFIERS[SPARSIFY[v]].random for v in values)
 
     def sparsify(self, tensor_name: str, index: int, tau: torch.Tensor,
                  params: dict[str, Any], globals_: dict[str, Any]) -> torch.Tensor:
