@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 # not ours and that make runs directly: pip.
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint venv clean
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -30,7 +30,11 @@ $(MERGEKIT_VENV)/.ready: bench/mergekit_runner.py
 	$(PYTHON) bench/mergekit_runner.py ensure $(MERGEKIT_VENV) --lean
 	touch $@
 
-test: venv $(MERGEKIT_VENV)/.ready
+# Lint (ruff) and type-check (mypy, the metamerge package) before any test; settings in pyproject.toml.
+lint: venv
+	$(PY) -m ruff check . && $(PY) -m mypy
+
+test: venv lint $(MERGEKIT_VENV)/.ready
 	$(PY) -m pytest -q
 
 clean:

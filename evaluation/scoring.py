@@ -25,8 +25,18 @@ from metamerge.errors import EvalSetError
 from metamerge.greedy import greedy_decode
 from metamerge.progress import progress_bar
 
-from .evalsets import (COMPLETION, Encoded, PathLike, encode, examples_kind, load_eval_sets, pad_id, plain_ids,
-                       special_ids, stop_ids)
+from .evalsets import (
+    COMPLETION,
+    Encoded,
+    PathLike,
+    encode,
+    examples_kind,
+    load_eval_sets,
+    pad_id,
+    plain_ids,
+    special_ids,
+    stop_ids,
+)
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ def linearity_error(alphas: list[float], losses: list[float]) -> float:
     l0, l1 = losses[0], losses[-1]
     chord = [l0 + (l1 - l0) * (a - a0) / (a1 - a0) for a in alphas]
     scale = abs(l1 - l0) or 1.0
-    return max(abs(l - c) for l, c in zip(losses, chord)) / scale
+    return max(abs(loss - c) for loss, c in zip(losses, chord)) / scale
 
 
 def linearity_curve(base_dir, finetune_dir, examples: list[dict], alphas=ALPHAS,

@@ -13,10 +13,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import pipeline_env  # noqa: F401  (environment defaults before Prefect loads)
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+import pipeline_env  # noqa: F401  (environment defaults before Prefect loads)
 from pipeline import keys, reports, steps, store
 from pipeline.params import load_params
 from tasks.download import download

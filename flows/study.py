@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pipeline_env  # noqa: F401  (environment defaults before Prefect loads)
 from prefect import flow, get_run_logger
 
+import pipeline_env  # noqa: F401  (environment defaults before Prefect loads)
 from evaluation import study
 from flows.merge_flow import merge_flow
 from pipeline.study import accuracy, pipeline_settings

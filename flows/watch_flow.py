@@ -12,9 +12,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import pipeline_env  # noqa: F401  (environment defaults before Prefect loads)
 from prefect import flow, get_run_logger
 
+import pipeline_env  # noqa: F401  (environment defaults before Prefect loads)
 from flows.merge_flow import StepStates, merge_flow, run_from_command_line
 from pipeline import keys, steps, store
 from pipeline.params import load_params

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from .errors import run_cli
 
@@ -16,7 +17,6 @@ from .errors import run_cli
 def _merge(args) -> int:
     from .engine import MergeOptions, merge
     from .recipe import load_recipe
-    from .report import MergeReport
 
     recipe = load_recipe(args.recipe)
     options = MergeOptions(device=args.device, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
@@ -31,8 +31,15 @@ def _merge(args) -> int:
                           "vocab_rows_shared": plan.shared_rows}, indent=2))
         return 0
     print(f"wrote {result.out_dir} ({len(plan.names)} tensors, {plan.total_bytes / 1e6:.1f} MB)")
-    for ref, c in MergeReport.load(result.out_dir).coefficients.items():
+    for ref, c in result.report.coefficients.items():
         print(f"  {ref}: {c:.6f}")
+    return 0
+
+
+def _methods(args) -> int:
+    from .methods.catalog import methods_table
+
+    print(methods_table())
     return 0
 
 
@@ -49,10 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-shard-size", default="5GB")
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(func=_merge)
+    ls = sub.add_parser("methods", help="list the merge methods and their parameters (a markdown table)")
+    ls.set_defaults(func=_methods)
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Recipe warnings as one line each, like errors: ``warning: <message>``."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     return run_cli(lambda: args.func(args))
 

@@ -40,6 +40,7 @@ class Diagnostics:
     def __init__(self, labels: list[str]):
         self.labels = labels
         self.tensors: dict[str, dict] = {}
+        self.has_task_vectors = False  # True once a tensor brought task vectors (a method with a base)
         n = len(labels)
         self._model_gram = [[0.0] * n for _ in range(n)]
 
@@ -49,6 +50,7 @@ class Diagnostics:
         ``counted=False`` for a tied alias already counted once."""
         entry: dict = {"coefficients": coefficients}
         if g is not None:
+            self.has_task_vectors = True
             entry["norms"] = [math.sqrt(max(g[i][i], 0.0)) for i in range(len(g))]
             entry["cosine"] = cosine_from_gram(g)
             if counted:

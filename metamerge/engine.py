@@ -28,15 +28,15 @@ from .io import ModelReader, ShardedWriter, parse_size
 from .loading import DTYPES, Workspace, load_compute, name_nonfinite
 from .methods import TensorJob, get_method
 from .methods.base import MergeMethod
-from .methods.metagpt import metagpt_lambdas
 from .modelcard import render_model_card
-from .norms import task_vector_sqnorms
+from .norms import task_vector_statistics
 from .recipe import Recipe
+from .report import REPORT_FILE, MergeReport
 from .refs import BackgroundHashes, ModelRef, ResolvedModel, resolve, sha256_file
 
 TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "added_tokens.json",
                    "chat_template*")
-REPORT = "merge_report.json"
+REPORT = REPORT_FILE
 PROVENANCE = "provenance.json"
 RECIPE_FILE = "merge_recipe.yaml"
 
@@ -55,7 +55,7 @@ class MergeOptions:
 class MergeResult:
     out_dir: Path | None
     plan: Plan
-    report: dict = field(default_factory=dict)
+    report: MergeReport | None = None
     provenance: dict = field(default_factory=dict)
 
 
@@ -105,7 +105,7 @@ def open_inputs(recipe: Recipe, options: MergeOptions,
         return resolved[ref]
 
     method_cls = get_method(recipe.merge_method)
-    base = pin(recipe.base_model) if method_cls.needs_base else None
+    base = pin(recipe.base_model) if method_cls.uses_base(recipe) else None
     models = [pin(e.model) for e in method_cls.input_entries(recipe)]
     base_reader = ModelReader(base.path, f"base '{base.ref}'", allow_pickle=options.allow_pickle) if base else None
     readers = [ModelReader(m.path, f"model '{m.ref}'", allow_pickle=options.allow_pickle) for m in models]
@@ -137,28 +137,30 @@ def _num_layers(config: dict) -> int | None:
     return None
 
 
-def compute_sqnorms(inputs: Inputs, indices: list[int], device: torch.device,
-                    progress: bool = True) -> list[dict[str, float]]:
-    """Norm pass for the fine-tunes ``indices``: squared norms of each (sparsified) task vector
-    per tensor, one dict per fine-tune (the unit the pipeline caches)."""
+def compute_statistics(inputs: Inputs, indices: list[int], device: torch.device,
+                       progress: bool = True) -> list[dict[str, float]]:
+    """The method's statistic pass for the entries ``indices`` (MetaGPT: squared norms of each
+    sparsified task vector), per tensor, one dict per entry (the unit the pipeline caches)."""
     names = [n for n in inputs.plan.names if n not in inputs.plan.aliases]
+    assert inputs.base_reader is not None, "a model statistic is of task vectors: the method needs a base"
     total = sum(inputs.base_reader.tensors[n].nbytes for n in names) * (1 + len(indices))
-    with _bar(total, "norms", progress) as bar:
-        return task_vector_sqnorms(inputs.method, indices, inputs.base_reader,
+    with _bar(total, inputs.method.model_statistic or "statistics", progress) as bar:
+        return task_vector_statistics(inputs.method, indices, inputs.base_reader,
                                    [inputs.readers[i] for i in indices], names,
                                    device=device, cast_dtype=inputs.cast_dtype,
                                    shared_rows=inputs.plan.shared_rows, progress=bar.update)
 
 
 def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | None = None, *,
-          sqnorms: dict[str, dict[str, float]] | None = None,
+          stats: dict[str, dict[str, float]] | None = None,
           resolved: dict[str, ResolvedModel] | None = None,
           recipe_text: str | None = None, dry_run: bool = False,
           log: Callable[[str], None] | None = None) -> MergeResult:
     """Merge the models of ``recipe`` into ``out_dir`` (atomically).
 
-    ``sqnorms`` (fine-tune reference -> tensor -> ||tau||^2) and ``resolved`` (reference -> pinned
-    model) let the pipeline pass in what it has cached; anything missing is computed here.
+    ``stats`` (reference -> tensor -> the method's statistic, e.g. MetaGPT's ||tau||^2) and
+    ``resolved`` (reference -> pinned model) let the pipeline pass in what it has cached; anything
+    missing is computed here.
     """
     options = options or MergeOptions()
     device = resolve_device(options.device)
@@ -172,35 +174,36 @@ def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | No
 
     # Local inputs are hashed on a thread while the merge runs (sha256 releases the GIL).
     with BackgroundHashes([inputs.base, *inputs.models, inputs.tokenizer] if options.hash_inputs else []) as hashes:
-        return _merge_into(recipe, out_dir, options, inputs, device, sqnorms, recipe_text, log, hashes)
+        return _merge_into(recipe, out_dir, options, inputs, device, stats, recipe_text, log, hashes)
 
 
 def _merge_into(recipe: Recipe, out_dir, options: MergeOptions, inputs: Inputs, device: torch.device,
-                sqnorms, recipe_text: str | None, log, hashes: BackgroundHashes) -> MergeResult:
+                stats, recipe_text: str | None, log, hashes: BackgroundHashes) -> MergeResult:
     plan, method = inputs.plan, inputs.method
     labels = [m.ref for m in inputs.models]
-    model_sq = None
-    if method.needs_model_sqnorms():
-        sqnorms = dict(sqnorms or {})
-        missing = [i for i, e in enumerate(method.entries) if e.model not in sqnorms]
+    model_stats = None
+    if method.needs_model_statistics():
+        stats = dict(stats or {})
+        missing = [i for i, e in enumerate(method.entries) if e.model not in stats]
         if missing:
-            for i, sq in zip(missing, compute_sqnorms(inputs, missing, device, options.progress)):
-                sqnorms[method.entries[i].model] = sq
-        model_sq = [float(sum(sqnorms[e.model][n] for n in plan.names if n not in plan.aliases))
-                    for e in method.entries]
+            for i, st in zip(missing, compute_statistics(inputs, missing, device, options.progress)):
+                stats[method.entries[i].model] = st
+        # summed in float64, in the plan's fixed tensor order
+        model_stats = [float(sum(stats[e.model][n] for n in plan.names if n not in plan.aliases))
+                       for e in method.entries]
 
     diag = Diagnostics(labels)
     with atomic_directory(out_dir, overwrite=options.overwrite) as tmp:
         writer = ShardedWriter(tmp, [(n, plan.out_shapes[n], plan.out_dtypes[n]) for n in plan.names],
                                parse_size(options.max_shard_size))
         try:
-            _merge_tensors(inputs, method, writer, diag, device, model_sq, options.progress)
+            _merge_tensors(inputs, method, writer, diag, device, model_stats, options.progress)
         except BaseException:
             writer.abort()
             raise
         shard_hashes = writer.close()
         hashes.wait()
-        report = _report(recipe, inputs, diag, model_sq)
+        report = _report(recipe, inputs, diag, model_stats)
         _write_side_files(tmp, recipe, inputs, report, recipe_text)
         provenance = _provenance(tmp, recipe, inputs, shard_hashes, device)
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
@@ -210,7 +213,7 @@ def _merge_into(recipe: Recipe, out_dir, options: MergeOptions, inputs: Inputs, 
 
 
 def _merge_tensors(inputs: Inputs, method: MergeMethod, writer: ShardedWriter, diag: Diagnostics,
-                   device: torch.device, model_sq: list[float] | None, progress: bool) -> None:
+                   device: torch.device, model_stats: list[float] | None, progress: bool) -> None:
     plan = inputs.plan
     ws = Workspace(device)
     all_readers = ([inputs.base_reader] if inputs.base_reader else []) + inputs.readers
@@ -230,16 +233,17 @@ def _merge_tensors(inputs: Inputs, method: MergeMethod, writer: ShardedWriter, d
             if inputs.base_reader is not None:
                 base = load_compute(inputs.base_reader, name, device, inputs.cast_dtype, rows,
                                     workspace=ws, slot="base")
+            if base is not None and method.task_vectors:
                 taus = [x.sub_(base) for x in tensors]  # in place: the raw weights are not needed again
                 g = gram(taus)
                 if not all(math.isfinite(g[i][i]) for i in range(len(g))):
                     raise name_nonfinite(all_readers, name)
-                deltas = [method.sparsify(name, e.model, tau, per[i], globals_)
-                          for i, (e, tau) in enumerate(zip(method.entries, taus))]
-            job = TensorJob(name, base, [] if base is not None else tensors, deltas, per, globals_, model_sq)
+                deltas = [method.sparsify(name, i, tau, per[i], globals_) for i, tau in enumerate(taus)]
+                tensors = []
+            job = TensorJob(name, base, tensors, deltas, per, globals_, model_stats)
             out = method.merge(job)
             merged = out.tensor
-            if base is None and not bool(torch.isfinite(merged.sum())):
+            if g is None and not bool(torch.isfinite(merged.sum())):
                 raise name_nonfinite(all_readers, name)
             if plan.extend_from is not None and plan.out_shapes[name][0] > merged.shape[0]:
                 donor = inputs.readers[plan.extend_from]
@@ -257,32 +261,27 @@ def _merge_tensors(inputs: Inputs, method: MergeMethod, writer: ShardedWriter, d
             bar.update(result.numel() * result.element_size())
 
 
-def _report(recipe: Recipe, inputs: Inputs, diag: Diagnostics, model_sq: list[float] | None) -> dict:
-    labels = diag.labels
-    model = diag.model_summary() if inputs.base_reader is not None else {}
-    if model_sq is not None:
-        model["lambdas"] = dict(zip(labels, metagpt_lambdas(model_sq)))
-    else:
+def _report(recipe: Recipe, inputs: Inputs, diag: Diagnostics, model_stats: list[float] | None) -> MergeReport:
+    method, labels = inputs.method, diag.labels
+    model = diag.model_summary() if diag.has_task_vectors else {}
+    whole = method.model_report(model_stats, labels)
+    model.update(whole)
+    if not whole:
         coeffs = [t["coefficients"] for t in diag.tensors.values() if t.get("coefficients")]
         if coeffs:
             model["coefficients_mean"] = {lab: sum(c[i] for c in coeffs) / len(coeffs) for i, lab in enumerate(labels)}
-    return {
-        "format": 1,
-        "method": recipe.merge_method,
-        "parameters": recipe.parameters,
-        "granularity": (recipe.parameters.get("granularity", "model") if recipe.merge_method == "metagpt" else None),
-        "base": inputs.base.ref if inputs.base else None,
-        "models": labels,
-        "dtype": recipe.dtype, "out_dtype": recipe.out_dtype,
-        "model": model,
-        "tensors": diag.tensors,
+    return MergeReport(
+        method=recipe.merge_method, parameters=recipe.parameters, base=inputs.base.ref if inputs.base else None,
+        models=labels, dtype=recipe.dtype, out_dtype=recipe.out_dtype, model=model, tensors=diag.tensors,
+        granularity=method.report_fields().get("granularity"),
         # norms and cosines are of the raw task vectors (the orthogonality check); coefficients
         # are what the method used (for sparsified MetaGPT, from the sparsified vectors)
-        "diagnostics_of": "raw task vectors",
-    }
+        diagnostics_of="raw task vectors" if diag.has_task_vectors else None,
+    )
 
 
-def _write_side_files(tmp: Path, recipe: Recipe, inputs: Inputs, report: dict, recipe_text: str | None) -> None:
+def _write_side_files(tmp: Path, recipe: Recipe, inputs: Inputs, report: MergeReport,
+                      recipe_text: str | None) -> None:
     ref = inputs.base or inputs.models[0]
     config = inputs.reference.config()
     if config:
@@ -300,7 +299,7 @@ def _write_side_files(tmp: Path, recipe: Recipe, inputs: Inputs, report: dict, r
             if f.is_file():
                 shutil.copyfile(f, tmp / f.name)
     (tmp / RECIPE_FILE).write_text(recipe_text if recipe_text is not None else recipe.to_yaml())
-    (tmp / REPORT).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    (tmp / REPORT).write_text(report.to_json())
     (tmp / "README.md").write_text(render_model_card(recipe, report, inputs))
 
 

@@ -9,7 +9,7 @@ a retry policy retries ``TransientSourceError`` and nothing else of this family.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class MergeError(Exception):

@@ -9,7 +9,8 @@ agree on what a model answers.
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ def greedy_decode(model: torch.nn.Module, prompts: Sequence[list[int]], *, max_n
     past = None
     step_ids, step_pos = ids, positions
     for _ in range(max_new_tokens):
-        kwargs = {"position_ids": step_pos} if "position_ids" in accepts else {}
+        kwargs: dict[str, Any] = {"position_ids": step_pos} if "position_ids" in accepts else {}
         if "logits_to_keep" in accepts:
             kwargs["logits_to_keep"] = 1
         out = model(input_ids=step_ids, attention_mask=mask, past_key_values=past, use_cache=True, **kwargs)

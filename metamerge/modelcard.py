@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
+from .report import MergeReport
+
 
 def _fmt(x) -> str:
     return "-" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
 
 
-def render_model_card(recipe, report: dict, inputs, scores: dict | None = None,
+def render_model_card(recipe, report: MergeReport, inputs, scores: dict | None = None,
                       reproduce: str | None = None) -> str:
     """Markdown: sources with revisions, method, coefficients, optional scores, reproduce command."""
     lines = [f"# {recipe.name or 'Merged model'}", "",
              f"Merged with metamerge, method `{recipe.merge_method}`"
-             + (f" (granularity `{report['granularity']}`)" if report.get("granularity") else "") + ".", "",
+             + (f" (granularity `{report.granularity}`)" if report.granularity else "") + ".", "",
              "## Sources", "", "| role | reference | revision |", "|---|---|---|"]
     if inputs.base:
         lines.append(f"| base | `{inputs.base.ref}` | `{inputs.base.revision}` |")
     for m in inputs.models:
         lines.append(f"| fine-tune | `{m.ref}` | `{m.revision}` |")
-    model = report.get("model", {})
-    coeffs = model.get("lambdas") or model.get("coefficients_mean")
+    coeffs = report.coefficients
     if coeffs:
-        title = "MetaGPT lambdas (whole model)" if model.get("lambdas") else "Coefficients (mean over tensors)"
-        lines += ["", f"## {title}", "", "| model | coefficient | task-vector norm |", "|---|---|---|"]
-        norms = model.get("norms", {})
+        lines += ["", f"## {report.coefficients_title}", "", "| model | coefficient | task-vector norm |",
+                  "|---|---|---|"]
+        norms = report.norms
         for ref, c in coeffs.items():
             lines.append(f"| `{ref}` | {_fmt(c)} | {_fmt(norms.get(ref))} |")
     if scores:

@@ -9,6 +9,7 @@ unknown is a typo and refused too. ``vocab_policy`` is metamerge's own addition.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -69,12 +70,29 @@ class Recipe(BaseModel):
         """
         return [m for m in self.models if not (m.model == self.base_model and not m.parameters)]
 
+    def entry(self, ref: str) -> ModelEntry:
+        """The entry listing ``ref`` under ``models``, or a parameter-less one (an unlisted base)."""
+        return next((m for m in self.models if m.model == ref), None) or ModelEntry(model=ref)
+
     def sha256(self) -> str:
-        """A content hash of the validated recipe, independent of YAML formatting."""
-        return hashlib.sha256(self.model_dump_json(exclude_none=True).encode()).hexdigest()
+        """A content hash of the validated recipe, independent of YAML formatting: mapping keys
+        in any order, and a number written ``1`` or ``1.0``, hash the same."""
+        text = json.dumps(_canonical(self.model_dump(exclude_none=True)), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_none=True, exclude_defaults=True), sort_keys=False)
+
+
+def _canonical(value: Any) -> Any:
+    """Numbers as floats (bools stay bools), recursively; key order is left to ``sort_keys``."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:

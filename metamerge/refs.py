@@ -114,6 +114,7 @@ def _resolve_hub(ref: ModelRef, text: str, *, hash_files: bool, token: str | Non
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
+    transient: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, *transport_errors())
     try:
         local = snapshot_download(ref.name, revision=ref.revision, allow_patterns=ALLOW_PATTERNS,
                                   token=token or os.environ.get("HF_TOKEN"))
@@ -136,7 +137,7 @@ def _resolve_hub(ref: ModelRef, text: str, *, hash_files: bool, token: str | Non
         if isinstance(status, int) and retryable_status(status):
             raise TransientSourceError(f"model '{text}': the hub answered {status}; try again later") from exc
         raise
-    except (ConnectionError, TimeoutError, *transport_errors()) as exc:
+    except transient as exc:
         raise TransientSourceError(f"model '{text}': cannot reach the hub ({type(exc).__name__}: {exc})") from exc
     path = Path(local)
     commit = path.name  # snapshots/<commit hash>

@@ -32,9 +32,9 @@ def magnitude(tau: torch.Tensor, density: float, *, rescale: bool = False) -> to
     k = max(1, int(density * tau.numel()))
     w = tau.abs().reshape(-1).float()
     top = torch.argsort(w, descending=True)[:k]
-    mask = torch.zeros_like(tau)
-    mask.view(-1)[top] = 1
-    kept = tau * mask
+    mask = torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device)
+    mask[top] = 1
+    kept = tau * mask.reshape(tau.shape)
     return rescale_l1(tau, kept) if rescale else kept
 
 
@@ -73,3 +73,38 @@ def sign_consensus(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:
     mass = weighted.sum(dim=0) if method == "sum" else sign.sum(dim=0)
     majority = (mass >= 0).to(weighted.dtype) * 2 - 1
     return (sign == majority).to(weighted.dtype)
+
+
+def magnitude_outliers(tau: torch.Tensor, density: float, gamma: float, *, rescale: bool = False) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ``gamma`` fraction of largest-magnitude entries (outliers) and
+    the smallest, keeping ``int(density * n)`` entries (mergekit's order: an ascending sort, the
+    kept window starts after the ``n - kept - outliers`` smallest)."""
+    if density >= 1:
+        return tau
+    n = tau.numel()
+    target = int(density * n)
+    n_bottom = max(0, n - target - int(gamma * n))
+    order = torch.sort(tau.abs().reshape(-1).float(), descending=False).indices
+    mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
+    mask[order[n_bottom:n_bottom + target]] = 1
+    kept = tau * mask.view_as(tau)
+    return rescale_l1(tau, kept) if rescale else kept
+
+
+def della_magprune(tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, *,
+                   rescale: bool = False) -> torch.Tensor:
+    """DELLA's MagPrune: keep each entry with a probability that grows with its magnitude rank in
+    its row, from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest); mergekit's
+    draw, on the CPU generator so a seed gives the same mask on any device."""
+    if density >= 1:
+        return tau
+    if density <= 0:
+        return torch.zeros_like(tau)
+    rows = tau if tau.dim() >= 2 else tau.unsqueeze(0)
+    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(torch.float32) + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    keep = torch.bernoulli(probs.cpu(), generator=generator).to(device=tau.device, dtype=tau.dtype)
+    kept = (rows * keep).reshape(tau.shape)
+    return rescale_l1(tau, kept) if rescale else kept

@@ -7,8 +7,9 @@ Recipes and params files are read and validated the same way, so their errors re
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -26,6 +27,8 @@ def read_yaml(path: str | Path, what: str) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InputError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: is not UTF-8 text (byte {exc.start}); save the {what} as UTF-8") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from metamerge.errors import MergeError
 from metamerge.refs import sha256_file

@@ -43,18 +43,26 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from metamerge.errors import MergeError
 from metamerge.refs import sha256_file
 from metamerge.report import MergeReport
 
-from .artifacts import (EVAL_DIR, MERGE_DIR, MERGED_ARTIFACT, REFERENCE_ARTIFACT, SIDE_FILES, check_files,
-                        read_merged_dir)
+from .artifacts import (
+    EVAL_DIR,
+    MERGE_DIR,
+    MERGED_ARTIFACT,
+    REFERENCE_ARTIFACT,
+    SIDE_FILES,
+    check_files,
+    read_merged_dir,
+)
 from .config import RegistryConfig, use_store
 from .lineage import lineage_tags
 from .metrics import number, report_params, score_metrics
@@ -103,8 +111,8 @@ def _model_card(provenance: Mapping[str, Any], report: MergeReport, scores, fall
         models = [i for i, d in zip(ins, provenance.get("inputs", [])) if d.get("role") != "base"]
         table = {t: {k: v for k, v in (m or {}).items() if v is None or number(v) is not None}
                  for t, m in (scores or {}).items()}
-        return render_model_card(recipe, report.to_dict(), SimpleNamespace(base=base, models=models),
-                                 scores=table or None, reproduce=REPRODUCE)
+        return render_model_card(recipe, report, SimpleNamespace(base=base, models=models), scores=table or None,
+                                 reproduce=REPRODUCE)
     except Exception:  # the card is documentation: never fail a registration over it
         return fallback
 

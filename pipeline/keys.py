@@ -74,21 +74,19 @@ def method(params: Params):
 def needs_norms(params: Params) -> bool:
     """Whether the method needs a whole-model statistic of each fine-tune before merging (MetaGPT at
     granularity model: the squared task-vector norms), which the pipeline caches per fine-tune."""
-    m = method(params)
-    needs = getattr(m, "needs_model_statistics", None) or m.needs_model_sqnorms  # TODO remove after merge
-    return needs()
+    return method(params).needs_model_statistics()
 
 
 def fine_tunes(params: Params) -> list[str]:
     """The references that contribute a task vector (or, without a base, every merged model)."""
     cls = method_class(params)
-    entries = params.recipe.fine_tunes() if cls.needs_base else params.recipe.models
+    entries = params.recipe.fine_tunes() if cls.uses_base(params.recipe) else params.recipe.models
     return [e.model for e in entries]
 
 
 def merged_refs(params: Params) -> list[str]:
     """Every model the merge combines: the base (if the method uses one), then the fine-tunes."""
-    return ([params.recipe.base_model] if method_class(params).needs_base else []) + fine_tunes(params)
+    return ([params.recipe.base_model] if method_class(params).uses_base(params.recipe) else []) + fine_tunes(params)
 
 
 def input_refs(params: Params) -> list[str]:
@@ -110,27 +108,16 @@ def device_type(params: Params) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _statistics_key(params: Params, ref: str) -> dict:
-    """What the method's whole-model statistic of fine-tune ``ref`` depends on, besides the base's
-    and the model's content: the method declares it (``statistics_key``), the pipeline knows none."""
+def norms_key(params: Params, pins: dict[str, dict], ref: str, device: str) -> str:
+    """One fine-tune's whole-model statistic: (base revision, fine-tune revision, what the method
+    says the statistic depends on (``statistics_key``: its name, parameters, dtype, seed key...),
+    device, code). The pipeline knows no method by name."""
+    r = params.recipe
     m = method(params)
     index = next(i for i, e in enumerate(m.entries) if e.model == ref)
-    if hasattr(m, "statistics_key"):
-        return m.statistics_key(index)
-    # TODO remove after merge: the method contract gains statistics_key(index)
-    r = params.recipe
-    return {"method": r.merge_method, "parameters": r.parameters, "model_parameters": m.entries[index].parameters,
-            "seed_key": ref if r.parameters.get("sparsify") == "dare" else None}
-
-
-def norms_key(params: Params, pins: dict[str, dict], ref: str, device: str) -> str:
-    """One fine-tune's statistic: (base revision, fine-tune revision, what the method says the
-    statistic depends on, dtype, device, code)."""
-    r = params.recipe
     return "norms-" + digest({
         "base": pins[r.base_model]["revision"], "model": pins[ref]["revision"],
-        "statistic": _statistics_key(params, ref), "dtype": r.dtype, "device": device,
-        "code": code_version("engine"),
+        **m.statistics_key(index), "device": device, "code": code_version("engine"),
     })
 
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -124,7 +125,7 @@ class Params(BaseModel):
         return {"recipe": self.recipe.model_dump(exclude_none=True, exclude_defaults=True),
                 "pipeline": self.pipeline.model_dump(exclude_defaults=True)}
 
-    def with_models(self, extra: list[dict[str, Any]]) -> "Params":
+    def with_models(self, extra: list[dict[str, Any]]) -> Params:
         """The same params with more fine-tunes appended to the recipe (the watcher's update)."""
         data = self.to_dict()
         data["recipe"]["models"] = list(data["recipe"]["models"]) + extra
@@ -136,7 +137,7 @@ def _first_error(exc: ValidationError, source: str) -> InputError:
     return first_error(exc, source, "params", prefer_unknown_key=True, hidden_loc=("str", "WatchRef", "WatchDir"))
 
 
-def load_params(params: "str | os.PathLike | Mapping[str, Any] | Params", source: str | None = None, *,
+def load_params(params: str | os.PathLike | Mapping[str, Any] | Params, source: str | None = None, *,
                 check_files: bool = True) -> Params:
     """Read (if a path) and validate a params file; every problem is a one-line ``InputError``.
 

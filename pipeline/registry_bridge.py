@@ -8,8 +8,8 @@ registration is skipped with a reason, and the merge, its evaluation and reports
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .params import Params, registry_config
 from .store import Log, quiet

@@ -18,8 +18,15 @@ _NOT_TRANSIENT_OS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, P
 
 def _final_hub_errors() -> tuple[type[BaseException], ...]:
     """The hub's answers that mean "this will not work": retrying asks the same question again."""
-    from huggingface_hub.errors import (BadRequestError, DisabledRepoError, GatedRepoError, OfflineModeIsEnabled,
-                                        RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        BadRequestError,
+        DisabledRepoError,
+        GatedRepoError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     return (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError, DisabledRepoError,
             RemoteEntryNotFoundError, BadRequestError, OfflineModeIsEnabled)

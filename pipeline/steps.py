@@ -16,8 +16,17 @@ from metamerge.errors import InputError
 from metamerge.refs import ModelRef, ResolvedModel, resolve
 from metamerge.report import MergeReport
 
-from .keys import (benchmark_key, digest, eval_key, fine_tunes, input_refs, merge_key, merged_refs, norms_key,
-                   task_vector_key)
+from .keys import (
+    benchmark_key,
+    digest,
+    eval_key,
+    fine_tunes,
+    input_refs,
+    merge_key,
+    merged_refs,
+    norms_key,
+    task_vector_key,
+)
 from .params import Params
 from .store import Log, merge_dir, quiet, read_json, stored, task_vector_dir, write_json
 
@@ -124,14 +133,14 @@ def norms(params: Params, pins: dict[str, dict], ref: str, log: Log = quiet) -> 
     """||tau_t||^2 per tensor for one fine-tune (after the method's sparsification), on the GPU
     when there is one; stored under its key, so a fine-tune's norms are computed once."""
     from metamerge.device import resolve_device
-    from metamerge.engine import MergeOptions, compute_sqnorms, open_inputs
+    from metamerge.engine import MergeOptions, compute_statistics, open_inputs
 
     device = resolve_device(params.pipeline.device)
 
     def compute() -> dict[str, float]:
         inputs = open_inputs(_one_model_recipe(params, ref), MergeOptions(progress=False), resolved(pins))
         log(f"norms of {ref}: {len(inputs.plan.names)} tensors on {device.type}")
-        (sq,) = compute_sqnorms(inputs, [0], device, progress=False)
+        (sq,) = compute_statistics(inputs, [0], device, progress=False)
         log(f"norms of {ref}: ||tau||^2 = {sum(sq.values()):.6g}")
         return sq
 
@@ -183,7 +192,7 @@ def merge(params: Params, pins: dict[str, dict], sqnorms: dict[str, dict[str, fl
     options = MergeOptions(device=params.pipeline.device, overwrite=True, progress=False,
                            max_shard_size=params.pipeline.max_shard_size)
     log(f"merge: {params.recipe.merge_method} of {len(fine_tunes(params))} model(s) into {out}")
-    engine_merge(params.recipe, out, options, sqnorms=sqnorms or None, resolved=resolved(pins),
+    engine_merge(params.recipe, out, options, stats=sqnorms or None, resolved=resolved(pins),
                  recipe_text=params.recipe_text(), log=log)
     return merge_info(out, key)
 

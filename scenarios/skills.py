@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import random
 import string
-from typing import ClassVar, Mapping
+from collections.abc import Mapping
+from typing import ClassVar
 
 Example = dict[str, str]
 

@@ -244,10 +244,10 @@ def test_cached_norms_are_used(tiny_llama_fp32, tmp_path):
         sq[ref] = {n: float(((state[n].double() - base[n].double()) ** 2).sum()) * (4.0 if k == 0 else 1.0)
                    for n in base}
     result = merge(parse_recipe(metagpt(fam)), tmp_path / "out", MergeOptions(device="cpu", progress=False),
-                   sqnorms=sq)
+                   stats=sq)
     totals = [sum(sq[r][n] for n in sorted(base)) for r in fam.refs]
     for ref, total in zip(fam.refs, totals):
-        assert result.report["model"]["lambdas"][ref] == pytest.approx(total / sum(totals), rel=1e-12)
+        assert result.report.model["lambdas"][ref] == pytest.approx(total / sum(totals), rel=1e-12)
 
 
 # ------------------------------------------------------------------------------ vocabulary policies
@@ -296,7 +296,7 @@ def test_vocab_truncate(tiny_llama_fp32, bigger_vocab, tmp_path):
     assert merged["lm_head.weight"].shape == (64, 16)
     for n, r in ref.items():
         assert (merged[n].double() - r).abs().max() <= 1e-6 * max(1.0, r.abs().max().item()), n
-    assert [result.report["model"]["lambdas"][m] for m in (fam.refs[0], str(bigger_vocab))] == pytest.approx(lam, rel=1e-6)
+    assert [result.report.model["lambdas"][m] for m in (fam.refs[0], str(bigger_vocab))] == pytest.approx(lam, rel=1e-6)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 64
     forward(load_hf(out))
 

@@ -247,7 +247,7 @@ def test_floor_rejects_despite_higher_mean(registered, merged, config, client):
 
 
 def test_pipeline_entry_point_takes_the_evaluate_summary(merged, config, client):
-    """``tasks.steps`` calls ``modelregistry.register_merged(model_dir, summary=eval.json, config=...)``."""
+    """``pipeline.registry_bridge`` calls ``modelregistry.register_merged(model_dir, summary=eval.json, config=...)``."""
     import modelregistry
     from evaluation import TaskScores, summarize
 

@@ -112,7 +112,9 @@ class ModelReader:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise ValueError("weight_map must map tensor names to shard file names")
+            except (ValueError, KeyError, TypeError) as exc:
                 raise MergeError(f"{self.label}: {index.name} is not a valid index ({exc})") from None
             shard_names = sorted(set(weight_map.values()))
             missing = [s for s in shard_names if not (self.path / s).exists()]

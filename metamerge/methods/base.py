@@ -1,130 +1,63 @@
-"""One interface for every merge method, and the registry that finds them by name.
+"""The method contract: one interface every merge method fits, and the registry that finds them.
 
-A method declares its parameters (name, default, whether per model) and merges one tensor at a
-time; the engine does everything else (reading, checking, writing, diagnostics). Adding a method
-is adding one module with one registered class.
+A method declares, as class data the engine reads:
+
+- ``params``: what it reads from the recipe (name, default, per model or global, type);
+- ``base_policy``: whether ``base_model`` is the reference the others are measured from
+  (``required``/``optional``) or just one more input to combine (``input``, as ``linear``);
+- ``task_vectors``: whether it merges task vectors ``theta_t - theta_0`` (the engine subtracts the
+  base and applies ``sparsify``) or the raw tensors (slerp-like methods get the base and the models
+  as they are);
+- ``model_statistic``: a whole-model quantity it needs before the first tensor is merged (MetaGPT's
+  squared norms), computed by a pass of its own from ``tensor_statistic`` and summed per model, so
+  the pipeline can cache it per fine-tune under ``statistics_key``;
+- ``model_report``/``report_fields``: what it adds to the merge report.
+
+The engine knows no method by name: it resolves parameters, reads tensors, and calls ``merge`` with
+a ``TensorJob`` per tensor. Adding a method is adding one module with one registered class.
 """
 
 from __future__ import annotations
 
-import math
-import re
+import difflib
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ..errors import MergeError
+from .params import REQUIRED, Param, evaluate_setting, layer_fraction, leaves
 
-REQUIRED = object()
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+__all__ = ["MergeMethod", "MergeOutput", "Param", "RecipeWarning", "TensorJob", "available_methods",
+           "evaluate_setting", "get_method", "layer_fraction", "register"]
 
-
-@dataclass(frozen=True)
-class Param:
-    """A parameter a method reads from the recipe.
-
-    ``per_model`` parameters may be set under each model's ``parameters`` (falling back to the
-    recipe's global ``parameters``, then to the default), as mergekit does.
-    """
-
-    name: str
-    default: Any = REQUIRED
-    per_model: bool = False
-    kind: type = float
-    choices: tuple = ()
-    check: Callable[[Any], bool] | None = None
-    hint: str = ""
-
-    def coerce(self, value: Any, where: str) -> Any:
-        if self.kind is bool:
-            if not isinstance(value, bool):
-                raise MergeError(f"{where}: '{self.name}' must be true or false, not {value!r}")
-            return value
-        if self.kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise MergeError(f"{where}: '{self.name}' must be a number, not {value!r}")
-            value = float(value)
-            if not math.isfinite(value):
-                raise MergeError(f"{where}: '{self.name}' must be finite, not {value!r}")
-        elif self.kind is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise MergeError(f"{where}: '{self.name}' must be an integer, not {value!r}")
-        elif self.kind is str and not isinstance(value, str):
-            raise MergeError(f"{where}: '{self.name}' must be a string, not {value!r}")
-        if self.choices and value not in self.choices:
-            raise MergeError(f"{where}: '{self.name}' must be one of {', '.join(map(str, self.choices))}, not {value!r}")
-        if self.check and not self.check(value):
-            raise MergeError(f"{where}: bad value {value!r} for '{self.name}'{': ' + self.hint if self.hint else ''}")
-        return value
+BASE_POLICIES = ("required", "optional", "input")
 
 
-def layer_fraction(tensor_name: str, num_layers: int | None) -> float:
-    """Where a tensor sits in the depth of the model, 0..1, for mergekit's gradient parameters.
-
-    Layer i of N maps to i/(N-1) (1 for a single layer); tensors outside the layer stack
-    (embeddings, final norm, lm_head) map to 0, as in mergekit's plan for whole-model recipes.
-    """
-    m = _LAYER.search(tensor_name)
-    if not m or not num_layers:
-        return 0.0
-    return 1.0 if num_layers < 2 else int(m.group(1)) / (num_layers - 1)
-
-
-def evaluate_setting(value: Any, tensor_name: str, t: float) -> Any:
-    """A parameter value for one tensor: a scalar, a gradient list, or a list of {filter, value}.
-
-    Mirrors mergekit: a list of numbers is interpolated linearly at ``t``; a list of mappings
-    picks the first whose ``filter`` is a substring of the tensor name (no filter matches all).
-    """
-    if not isinstance(value, list):
-        return value
-    if value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        scaled = t * (len(value) - 1)
-        i0 = int(math.floor(scaled))
-        i1 = min(len(value) - 1, i0 + 1)
-        frac = scaled - i0
-        return (1 - frac) * value[i0] + frac * value[i1]
-    for cond in value:
-        if not isinstance(cond, dict):
-            return value[int(t * (len(value) - 1))]
-        filt = cond.get("filter")
-        if filt is None or filt == "*" or filt in tensor_name:
-            return evaluate_setting(cond.get("value"), tensor_name, t)
-    return None
-
-
-def _leaves(value: Any) -> list[Any]:
-    """Every concrete value a (possibly list-shaped) parameter setting can produce."""
-    if not isinstance(value, list):
-        return [value]
-    out: list[Any] = []
-    for v in value:
-        if isinstance(v, dict):
-            extra = set(v) - {"filter", "value"}
-            if extra or "value" not in v:
-                raise MergeError(f"a conditional parameter needs keys 'filter' and 'value', got {sorted(v)}")
-            out.extend(_leaves(v["value"]))
-        else:
-            out.append(v)
-    return out
+class RecipeWarning(UserWarning):
+    """A recipe that runs but carries something the method ignores (mergekit ignores it silently)."""
 
 
 @dataclass
 class TensorJob:
-    """Everything a method needs to merge one tensor. Tensors are float32 (or wider).
+    """Everything a method needs to merge one tensor. Tensors are in the compute dtype (float32 or
+    wider) on the merge device.
 
-    The method owns them: it may write into ``base`` and ``deltas`` in place (they are reused
-    buffers, valid until the next tensor), and its output may be one of them.
+    For a method with a base, ``base`` is the base's tensor. A task-vector method gets ``deltas``
+    (each model's task vector after its ``sparsify``) and no ``tensors``; a raw-tensor method gets
+    ``tensors`` (one per entry, recipe order) and ``deltas`` is None. The method owns these buffers:
+    it may write into them in place (they are reused, valid until the next tensor), and its output
+    may be one of them.
     """
 
     name: str
     base: torch.Tensor | None
-    tensors: list[torch.Tensor]                # one per contributing model, recipe order
-    deltas: list[torch.Tensor] | None          # task vectors after the method's sparsification
+    tensors: list[torch.Tensor]
+    deltas: list[torch.Tensor] | None
     params: list[dict[str, Any]]               # per-model parameters resolved for this tensor
     globals: dict[str, Any]                    # global parameters resolved for this tensor
-    model_sqnorms: list[float] | None = None   # whole-model ||tau_t||^2, for methods that ask
+    model_stats: list[float] | None = None     # the method's whole-model statistic, one per entry
 
 
 @dataclass
@@ -135,28 +68,41 @@ class MergeOutput:
 
 
 class MergeMethod:
-    """Base class: subclasses set ``name``, ``params`` and implement ``merge``."""
+    """Base class: subclasses set the class data above and implement ``merge``."""
 
     name: ClassVar[str]
-    needs_base: ClassVar[bool] = True
+    summary: ClassVar[str] = ""                # one line for `metamerge methods` and the README
     params: ClassVar[tuple[Param, ...]] = ()
+    base_policy: ClassVar[str] = "required"
+    task_vectors: ClassVar[bool] = True
+    model_statistic: ClassVar[str | None] = None
 
     def __init__(self, recipe, num_layers: int | None = None):
         self.recipe = recipe
         self.num_layers = num_layers
         self.entries = self.input_entries(recipe)
-        self._by_name = {p.name: p for p in self.params}
+
+    # -- inputs ---------------------------------------------------------------------------------
+    @classmethod
+    def uses_base(cls, recipe) -> bool:
+        """Whether ``base_model`` is the reference the merged models are measured from."""
+        return cls.base_policy == "required" or (cls.base_policy == "optional" and bool(recipe.base_model))
+
+    @property
+    def has_base(self) -> bool:
+        return self.uses_base(self.recipe)
 
     @classmethod
     def input_entries(cls, recipe) -> list:
-        """The models merged, in order: the fine-tunes for task-vector methods; for the others
-        every listed model plus an unlisted ``base_model`` (mergekit appends it too)."""
-        if cls.needs_base:
+        """The models merged, in order: with a base, every entry but a parameter-less base (mergekit
+        recipes often list it again); without one, every listed model plus an unlisted
+        ``base_model`` (mergekit appends it too)."""
+        if cls.uses_base(recipe):
             return recipe.fine_tunes()
         entries = list(recipe.models)
         if recipe.base_model and all(m.model != recipe.base_model for m in entries):
-            entries.append(type(entries[0])(model=recipe.base_model) if entries else None)
-        return [e for e in entries if e is not None]
+            entries.append(recipe.entry(recipe.base_model))
+        return entries
 
     # -- validation (before any tensor is read) -------------------------------------------------
     @classmethod
@@ -165,10 +111,11 @@ class MergeMethod:
         where = f"{source}: {cls.name}"
         for key, value in recipe.parameters.items():
             if key not in known:
-                raise MergeError(f"{where}: unknown parameter '{key}' (known: {', '.join(sorted(known)) or 'none'})")
-            for leaf in _leaves(value):
+                _unused(key, cls.name, where, "parameters", sorted(known))
+                continue
+            for leaf in leaves(value):
                 known[key].coerce(leaf, f"{where} parameters")
-        if cls.needs_base:
+        if cls.uses_base(recipe):
             if not recipe.base_model:
                 raise MergeError(f"{where} needs base_model: the model the fine-tunes were trained from")
             for m in recipe.models:
@@ -185,11 +132,14 @@ class MergeMethod:
             seen.add(m.model)
             for key, value in m.parameters.items():
                 p = known.get(key)
-                if p is None or not p.per_model:
-                    per = sorted(n for n, q in known.items() if q.per_model)
-                    raise MergeError(f"{where}: unknown per-model parameter '{key}' for '{m.model}' "
-                                     f"(known: {', '.join(per) or 'none'})")
-                for leaf in _leaves(value):
+                per = sorted(n for n, q in known.items() if q.per_model)
+                if p is not None and not p.per_model:  # read once for all models: a per-model value has no effect
+                    raise MergeError(f"{where}: unknown per-model parameter '{key}' for '{m.model}': it is global, "
+                                     f"set it under the recipe's parameters (known: {', '.join(per) or 'none'})")
+                if p is None:
+                    _unused(key, cls.name, where, f"model '{m.model}' parameters", per)
+                    continue
+                for leaf in leaves(value):
                     p.coerce(leaf, f"{where} model '{m.model}'")
             for p in known.values():
                 if p.per_model and p.default is REQUIRED and p.name not in m.parameters \
@@ -198,6 +148,11 @@ class MergeMethod:
         for p in known.values():
             if not p.per_model and p.default is REQUIRED and p.name not in recipe.parameters:
                 raise MergeError(f"{where} needs parameter '{p.name}'")
+        cls.validate_inputs(recipe, source)
+
+    @classmethod
+    def validate_inputs(cls, recipe, source: str) -> None:
+        """Method-specific checks of the recipe (e.g. exactly two models); none by default."""
 
     # -- resolution per tensor ------------------------------------------------------------------
     def _value(self, p: Param, settings: list[dict], tensor_name: str) -> Any:
@@ -219,24 +174,56 @@ class MergeMethod:
                 for p in self.params if p.per_model} for e in self.entries]
         return g, per
 
+    # -- whole-model statistics (a pass of their own) -------------------------------------------
+    def needs_model_statistics(self) -> bool:
+        """True when the merge needs ``model_statistic`` of every entry before the first tensor."""
+        return self.model_statistic is not None
+
+    def tensor_statistic(self, tensor_name: str, index: int, delta: torch.Tensor) -> float:
+        """This tensor's share of entry ``index``'s whole-model statistic (summed over tensors in
+        float64). ``delta`` is the task vector after ``sparsify``."""
+        raise NotImplementedError(f"{self.name} declares no model statistic")
+
+    def statistics_key(self, index: int) -> dict[str, Any]:
+        """Everything entry ``index``'s statistic depends on besides the base's and the model's
+        content: the cache key of a per-fine-tune statistic (JSON-able)."""
+        entry = self.entries[index]
+        return {"method": self.name, "statistic": self.model_statistic, "parameters": self.recipe.parameters,
+                "model_parameters": entry.parameters, "dtype": self.recipe.dtype,
+                "vocab_policy": self.recipe.vocab_policy,
+                "seed_key": entry.model if self.random_sparsification() else None}
+
     # -- the work -------------------------------------------------------------------------------
-    def needs_model_sqnorms(self) -> bool:
-        """True when the merge needs whole-model task-vector norms first (a pass of its own)."""
+    def random_sparsification(self) -> bool:
+        """Whether ``sparsify`` draws random numbers (its masks then depend on a seed and order)."""
         return False
 
-    def sparsify(self, tensor_name: str, model_key: str, tau: torch.Tensor,
+    def sparsify(self, tensor_name: str, index: int, tau: torch.Tensor,
                  params: dict[str, Any], globals_: dict[str, Any]) -> torch.Tensor:
-        """The task vector this method actually uses; identity unless the method sparsifies."""
+        """The task vector of entry ``index`` this method actually uses; identity by default."""
         return tau
 
     def merge(self, job: TensorJob) -> MergeOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # -- reporting ------------------------------------------------------------------------------
+    def report_fields(self) -> dict[str, Any]:
+        """Top-level fields of the merge report this method adds (e.g. MetaGPT's granularity)."""
+        return {}
+
+    def model_report(self, model_stats: list[float] | None, labels: list[str]) -> dict[str, Any]:
+        """Whole-model entries of the report from the statistic, e.g. ``{"lambdas": {...}}``."""
+        return {}
 
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}
 
 
 def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    if cls.base_policy not in BASE_POLICIES:
+        raise ValueError(f"{cls.__name__}.base_policy must be one of {BASE_POLICIES}")
+    if cls.name in _REGISTRY:
+        raise ValueError(f"merge method '{cls.name}' is registered twice")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -244,9 +231,28 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
 def get_method(name: str, source: str = "recipe") -> type[MergeMethod]:
     cls = _REGISTRY.get(name)
     if cls is None:
-        raise MergeError(f"{source}: unknown merge_method '{name}' (available: {', '.join(sorted(_REGISTRY))})")
+        near = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise MergeError(f"{source}: unknown merge_method '{name}' ({hint}available: {', '.join(sorted(_REGISTRY))})")
     return cls
 
 
 def available_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def known_parameters() -> set[str]:
+    """Every parameter name some registered method reads."""
+    return {p.name for cls in _REGISTRY.values() for p in cls.params}
+
+
+def _unused(key: str, method: str, where: str, section: str, valid: list[str]) -> None:
+    """A parameter the method does not read: a warning when another method reads it (a leftover
+    mergekit ignores too), an error with the nearest valid name when no method knows it (a typo)."""
+    if key in known_parameters():
+        warnings.warn(f"{where}: parameter '{key}' in {section} is not used by {method}; it is ignored",
+                      RecipeWarning, stacklevel=4)
+        return
+    near = difflib.get_close_matches(key, valid, n=1) or difflib.get_close_matches(key, sorted(known_parameters()), n=1)
+    hint = f"did you mean '{near[0]}'? " if near else ""
+    raise MergeError(f"{where}: unknown parameter '{key}' in {section} ({hint}known: {', '.join(valid) or 'none'})")

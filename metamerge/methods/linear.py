@@ -16,7 +16,9 @@ from .base import MergeMethod, MergeOutput, Param, TensorJob, register
 @register
 class Linear(MergeMethod):
     name = "linear"
-    needs_base = False  # the models listed are averaged; base_model is optional and unused
+    summary = "weighted average of whole models (weights normalised by default)"
+    base_policy = "input"  # base_model, if given, is one more model in the average
+    task_vectors = False
     params = (
         Param("weight", per_model=True),
         Param("normalize", default=True, kind=bool),
