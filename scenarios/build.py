@@ -203,7 +203,8 @@ def _evaluate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the demo scenario: base model, fine-tunes, eval sets.")
+    parser = argparse.ArgumentParser(prog="python -m scenarios.build",
+                                     description="Build the demo scenario: base model, fine-tunes, eval sets.")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--size", choices=sorted(SIZES), default="demo")
     parser.add_argument("--seed", type=int, default=0)
