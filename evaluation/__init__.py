@@ -14,13 +14,13 @@ from .evalsets import load_eval_set, load_eval_sets
 from .lm_eval import run_lm_eval
 from .scoring import TaskScores, evaluate_loaded, evaluate_model
 from .summary import (
-                      average_loss_difference,
-                      average_normalized_score,
-                      loss_difference,
-                      normalized_scores,
-                      score_table,
-                      summarize,
-                      write_eval_outputs,
+    average_loss_difference,
+    average_normalized_score,
+    loss_difference,
+    normalized_scores,
+    score_table,
+    summarize,
+    write_eval_outputs,
 )
 
 __all__ = [
