@@ -1,7 +1,7 @@
 """The merge report: one typed record of what a merge did, read by everyone who shows it.
 
 The engine writes it as ``merge_report.json`` beside the merged weights; the CLI, the model card,
-the pipeline's reports, the plots and the registry read it back through ``MergeReport.load`` rather
+every report, plot and model-version record reads it back through ``MergeReport.load`` rather
 than picking keys out of a dict, so a key renamed here is renamed everywhere. The JSON layout is
 ``format: 1`` (unchanged since the first release), so older merges stay readable.
 """

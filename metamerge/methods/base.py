@@ -10,7 +10,7 @@ A method declares, as class data the engine reads:
   as they are);
 - ``model_statistic``: a whole-model quantity it needs before the first tensor is merged (MetaGPT's
   squared norms), computed by a pass of its own from ``tensor_statistic`` and summed per model, so
-  the pipeline can cache it per fine-tune under ``statistics_key``;
+  a caller can cache it per fine-tune under ``statistics_key``;
 - ``model_report``/``report_fields``: what it adds to the merge report.
 
 The engine knows no method by name: it resolves parameters, reads tensors, and calls ``merge`` with

@@ -9,14 +9,13 @@ wherever a parameter is read.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import MergeError
+from ..layers import layer_index
 
 REQUIRED = object()
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -64,10 +63,10 @@ def layer_fraction(tensor_name: str, num_layers: int | None) -> float:
     Layer i of N maps to i/(N-1) (1 for a single layer); tensors outside the layer stack
     (embeddings, final norm, lm_head) map to 0, as in mergekit's plan for whole-model recipes.
     """
-    m = _LAYER.search(tensor_name)
-    if not m or not num_layers:
+    index = layer_index(tensor_name)
+    if index is None or not num_layers:
         return 0.0
-    return 1.0 if num_layers < 2 else int(m.group(1)) / (num_layers - 1)
+    return 1.0 if num_layers < 2 else index / (num_layers - 1)
 
 
 def evaluate_setting(value: Any, tensor_name: str, t: float) -> Any:
