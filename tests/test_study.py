@@ -34,8 +34,9 @@ def test_every_study_recipe_is_valid_and_the_comparison_is_complete():
     for name, r in recipes.items():
         parse_recipe(r, name)  # raises on anything invalid
     methods = {r["merge_method"] for r in recipes.values()}
-    assert methods == {"metagpt", "task_arithmetic", "ties", "dare_ties", "linear"}
+    assert methods == {"metagpt", "task_arithmetic", "ties", "dare_ties", "linear", "dare_linear", "breadcrumbs",
+                       "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl"}
     sparsified = {r.get("parameters", {}).get("sparsify") for r in recipes.values() if r["merge_method"] == "metagpt"}
-    assert sparsified == {None, "dare", "ties"}
+    assert sparsified == {None, "dare", "ties", "breadcrumbs", "della"}
     assert recipes["task_arithmetic_0.3"]["parameters"]["lambda"] == 0.3
     assert "base_model" not in recipes["linear"]  # the paper's weight average of the fine-tunes
