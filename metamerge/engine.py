@@ -27,7 +27,7 @@ from .errors import MergeError
 from .io import ModelReader, ShardedWriter, parse_size
 from .loading import DTYPES, Workspace, load_compute, name_nonfinite
 from .methods import TensorJob, get_method
-from .methods.base import MergeMethod
+from .methods.base import MergeMethod, MergeOutput
 from .modelcard import render_model_card
 from .norms import task_vector_statistics
 from .recipe import Recipe
@@ -280,15 +280,17 @@ def _merge_tensors(inputs: Inputs, method: MergeMethod, writer: ShardedWriter, d
             if src.base is not None:
                 base = load_compute(pool[src.base[0]], src.base[1], device, inputs.cast_dtype, rows,
                                     workspace=ws, slot="base")
-            if base is not None and method.task_vectors:
-                taus = [x.sub_(base) for x in tensors]  # in place: the raw weights are not needed again
-                g = gram(taus)
-                if not all(math.isfinite(g[i][i]) for i in range(len(g))):
-                    raise name_nonfinite([pool[i] for i, _ in read], name, names=[n for _, n in read])
-                deltas = [method.sparsify(name, i, tau, per[i], globals_) for i, tau in enumerate(taus)]
-                tensors = []
-            job = TensorJob(name, base, tensors, deltas, per, globals_, model_stats)
-            out = method.merge(job)
+            if base is not None and not src.inputs:  # a slice of only its base: the base, as it is
+                out = MergeOutput(base, [])
+            else:
+                if base is not None and method.task_vectors:
+                    taus = [x.sub_(base) for x in tensors]  # in place: the raw weights are not needed again
+                    g = gram(taus)
+                    if not all(math.isfinite(g[i][i]) for i in range(len(g))):
+                        raise name_nonfinite([pool[i] for i, _ in read], name, names=[n for _, n in read])
+                    deltas = [method.sparsify(name, i, tau, per[i], globals_) for i, tau in enumerate(taus)]
+                    tensors = []
+                out = method.merge(TensorJob(name, base, tensors, deltas, per, globals_, model_stats))
             merged = out.tensor
             if g is None and not bool(torch.isfinite(merged.sum())):
                 raise name_nonfinite([pool[i] for i, _ in read], name, names=[n for _, n in read])

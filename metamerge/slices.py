@@ -16,7 +16,9 @@ layers are the slices' layers one after another. This follows mergekit 0.1.5's `
   against the name it is read under (``model.layers.{start + k}...``), global ones against the
   output name;
 - a slice's base is its ``base_model`` or the recipe's; a method that uses a base needs it among
-  the slice's sources (that is where its layers come from);
+  the slice's sources (that is where its layers come from). A slice of only its base gives the
+  base's layers as they are for a task-vector method (mergekit's task arithmetic returns the base
+  when there is nothing to add);
 - ``config.json`` is the base model's (else the first source's) with the layer count set to the
   number of output layers (and ``layer_types`` rebuilt to match, which mergekit does not do: its
   config then fails to load under transformers 5).
@@ -105,6 +107,8 @@ def validate_slices(recipe: Recipe, method_cls: type[MergeMethod], source: str) 
                 raise MergeError(f"{where}: base model '{view.base_model}' is not one of this slice's sources; "
                                  f"{method_cls.name} reads the base's layers from the slice, so list it with a "
                                  "layer_range (mergekit refuses this too)")
+            if method_cls.task_vectors and view.base_model and not method_cls.input_entries(view):
+                continue  # only the base: its layers as they are (mergekit's task arithmetic), nothing to check
             method_cls.validate_recipe(view, where)
     for w in caught:
         text = re.sub(r"slices\[\d+\]: ", "", str(w.message))
