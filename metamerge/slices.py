@@ -94,7 +94,7 @@ def validate_slices(recipe: Recipe, method_cls: type[MergeMethod], source: str) 
     if recipe.vocab_policy != "error":
         raise MergeError(f"{source}: vocab_policy: {recipe.vocab_policy} is not supported with slices; "
                          "the models of a slices recipe must share one vocabulary")
-    seen: dict[str, str] = {}
+    seen: dict[str, warnings.WarningMessage] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i, sl in enumerate(recipe.slices):
@@ -111,10 +111,9 @@ def validate_slices(recipe: Recipe, method_cls: type[MergeMethod], source: str) 
                 continue  # only the base: its layers as they are (mergekit's task arithmetic), nothing to check
             method_cls.validate_recipe(view, where)
     for w in caught:
-        text = re.sub(r"slices\[\d+\]: ", "", str(w.message))
-        seen.setdefault(text, str(w.message))
-    for message in seen.values():
-        warnings.warn(message, RecipeWarning, stacklevel=3)
+        seen.setdefault(re.sub(r"slices\[\d+\]: ", "", str(w.message)), w)
+    for w in seen.values():
+        warnings.warn(str(w.message), w.category, stacklevel=3)
 
 
 # ------------------------------------------------------------------------------ planning
@@ -148,8 +147,9 @@ class _Headers:
             raise MergeError(f"model '{ref}' has more than one layer stack ('{a}N', '{b}N'); slices work on "
                              "models with one (mergekit needs its `modules:` syntax for these)")
         h.prefix = prefixes.pop() if prefixes else ""
-        key = layer_count_key(reader.config())
-        h.num_layers = reader.config()[key] if key else (max(h.layers) + 1 if h.layers else 0)
+        config = reader.config()
+        key = layer_count_key(config)
+        h.num_layers = config[key] if key else (max(h.layers) + 1 if h.layers else 0)
         return h
 
 
@@ -288,15 +288,17 @@ def plan_slices(recipe: Recipe, method_cls: type[MergeMethod], pool: dict[str, M
     key = layer_count_key(config)
     if key:
         plan.config_updates[key] = offset
-    for per_layer in PER_LAYER_KEYS:
-        if isinstance(config.get(per_layer), list):
-            values = []
-            for sl in slices:
-                src = sl.sources[0]
-                theirs = p.headers[src.model].reader.config().get(per_layer)
-                if not isinstance(theirs, list) or len(theirs) < src.layer_range[1]:
-                    break
-                values += theirs[src.layer_range[0]:src.layer_range[1]]
-            else:
-                plan.config_updates[per_layer] = values
+    for per_layer in PER_LAYER_KEYS:  # each output layer keeps the entry of the layer it came from
+        ours = config.get(per_layer)
+        if not isinstance(ours, list):
+            continue
+        values: list = []
+        for sl in slices:
+            src = sl.sources[0]
+            theirs = p.headers[src.model].reader.config().get(per_layer)
+            if not isinstance(theirs, list) or len(theirs) < src.layer_range[1]:
+                values = [ours[0]] * offset if ours and all(v == ours[0] for v in ours) else ours
+                break
+            values += theirs[src.layer_range[0]:src.layer_range[1]]
+        plan.config_updates[per_layer] = values
     return plan, p.labels

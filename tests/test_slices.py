@@ -87,6 +87,18 @@ def test_tied_gpt2_stack_loads_and_runs(tiny_gpt2_tied, tmp_path):
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
+def test_tied_with_stored_head_takes_it_from_the_last_slice(tiny_llama_tied_head, tmp_path):
+    """As mergekit: lm_head is one of the tensors after the layers, merged over the last slice even
+    when the config ties it (the embedding comes from the first slice)."""
+    fam = tiny_llama_tied_head
+    a, b = fam.refs
+    run_merge({"merge_method": "linear", "parameters": {"weight": 1.0},
+               "slices": [{"sources": [src(a, 0, 1)]}, {"sources": [src(b, 0, 2)]}]}, tmp_path / "out")
+    out, sa, sb = load_state(tmp_path / "out"), load_state(fam.finetunes[0]), load_state(fam.finetunes[1])
+    assert torch.equal(out["model.embed_tokens.weight"], sa["model.embed_tokens.weight"])
+    assert torch.equal(out["lm_head.weight"], sb["lm_head.weight"])
+
+
 def test_layer_types_follow_the_output_layers(tiny_llama_bf16, tmp_path):
     fam = tiny_llama_bf16
     typed = [derive(p, tmp_path / f"typed{i}", config_edit=lambda c: c.update(layer_types=["full_attention",
