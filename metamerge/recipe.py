@@ -122,7 +122,7 @@ class Recipe(BaseModel):
     name: str | None = None
 
     @model_validator(mode="after")
-    def _one_form(self) -> "Recipe":
+    def _one_form(self) -> Recipe:
         if self.slices is not None and not self.slices:
             self.slices = None  # mergekit reads `slices: []` as absent
         return self

@@ -131,7 +131,7 @@ class _Headers:
     num_layers: int = 0
 
     @classmethod
-    def read(cls, ref: str, reader: ModelReader) -> "_Headers":
+    def read(cls, ref: str, reader: ModelReader) -> _Headers:
         h = cls(reader, ref)
         prefixes = set()
         for name in reader.names():

@@ -14,6 +14,7 @@ from metamerge.engine import MergeOptions, merge
 from metamerge.errors import MergeError
 from metamerge.recipe import parse_recipe
 from metamerge.report import MergeReport
+
 from models import assert_nothing_written, derive, layer_of, load_state, run_merge
 
 

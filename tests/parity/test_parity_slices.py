@@ -14,7 +14,6 @@ import json
 import pytest
 import torch
 import yaml
-
 from mergekit_runner import MergekitError, run_mergekit
 from parity_helpers import assert_same_tensors, load_dir
 
