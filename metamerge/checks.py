@@ -15,12 +15,28 @@ import torch
 
 from .errors import MergeError
 from .io import ModelReader
+from .methods.params import ParamScope
 from .shapes import nbytes
 
 VOCAB_TENSOR = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in|embed_out|lm_head|output)\.weight$")
 LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
 EMBED_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight",
                "embed_tokens.weight", "wte.weight")
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where one output tensor is read from when it is not the same name in every model (slices).
+
+    ``base`` and ``inputs`` are ``(index into Inputs.pool, tensor name in that model)``; ``inputs``
+    are the method's entries in order, ``members`` their indices in the report's model list, and
+    ``scope`` says how their parameters resolve (``methods.params.ParamScope``).
+    """
+
+    base: tuple[int, str] | None
+    inputs: tuple[tuple[int, str], ...]
+    members: tuple[int, ...]
+    scope: ParamScope | None  # None: the recipe's own parameters at the tensor's layer
 
 
 @dataclass
@@ -34,6 +50,8 @@ class Plan:
     extend_from: int | None = None        # index of the model whose extra rows are taken
     aliases: dict[str, str] = field(default_factory=dict)      # tied name -> the name it copies
     vocab_size: int | None = None
+    sources: dict[str, TensorSource] = field(default_factory=dict)  # slices: each tensor's inputs
+    config_updates: dict = field(default_factory=dict)  # slices: layer count (and per-layer lists)
 
     @property
     def total_bytes(self) -> int:

@@ -45,10 +45,15 @@ class Diagnostics:
         self._model_gram = [[0.0] * n for _ in range(n)]
 
     def add(self, name: str, g: list[list[float]] | None, coefficients: list[float] | None,
-            *, counted: bool = True) -> None:
+            *, counted: bool = True, members: tuple[int, ...] | None = None) -> None:
         """Record one tensor from the Gram matrix of its task vectors (None without a base);
-        ``counted=False`` for a tied alias already counted once."""
+        ``counted=False`` for a tied alias already counted once. ``members``: which of ``labels``
+        this tensor's entries are, when not all of them in order (a slices recipe); the tensor's
+        entry then names them under ``models``."""
+        idx = list(members) if members is not None else list(range(len(self.labels)))
         entry: dict = {"coefficients": coefficients}
+        if members is not None:
+            entry["models"] = [self.labels[i] for i in idx]
         if g is not None:
             self.has_task_vectors = True
             entry["norms"] = [math.sqrt(max(g[i][i], 0.0)) for i in range(len(g))]
@@ -56,7 +61,7 @@ class Diagnostics:
             if counted:
                 for i, row in enumerate(g):
                     for j, v in enumerate(row):
-                        self._model_gram[i][j] += v
+                        self._model_gram[idx[i]][idx[j]] += v
         self.tensors[name] = entry
 
     def model_summary(self) -> dict:

@@ -21,18 +21,19 @@ from tqdm import tqdm
 
 from . import __version__
 from .atomic import atomic_directory
-from .checks import Plan, plan_merge
+from .checks import Plan, TensorSource, plan_merge
 from .diagnostics import Diagnostics, gram
 from .errors import MergeError
 from .io import ModelReader, ShardedWriter, parse_size
 from .loading import DTYPES, Workspace, load_compute, name_nonfinite
 from .methods import TensorJob, get_method
-from .methods.base import MergeMethod
+from .methods.base import MergeMethod, MergeOutput
 from .modelcard import render_model_card
 from .norms import task_vector_statistics
 from .recipe import Recipe
 from .report import REPORT_FILE, MergeReport
 from .refs import BackgroundHashes, ModelRef, ResolvedModel, resolve, sha256_file
+from .slices import plan_slices
 
 TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "added_tokens.json",
                    "chat_template*")
@@ -76,7 +77,12 @@ def _bar(total: int, desc: str, enabled: bool):
 
 @dataclass
 class Inputs:
-    """Every input pinned and opened: the base (if the method uses one) and the merged models."""
+    """Every input pinned and opened: the base (if the method uses one) and the merged models.
+
+    ``pool`` is every reader a tensor is read from, as ``TensorSource`` indexes them: the base and
+    the models for a whole-model recipe, every referenced model for a slices recipe (where
+    ``donor`` is the model whose config and generation config the output takes).
+    """
 
     method: MergeMethod
     base: ResolvedModel | None
@@ -86,10 +92,27 @@ class Inputs:
     base_reader: ModelReader | None
     plan: Plan
     cast_dtype: torch.dtype | None
+    pool: list[ModelReader] = field(default_factory=list)
+    donor: tuple[ResolvedModel, ModelReader] | None = None
+
+    def __post_init__(self):
+        if not self.pool:
+            self.pool = ([self.base_reader] if self.base_reader else []) + self.readers
 
     @property
     def reference(self) -> ModelReader:
-        return self.base_reader or self.readers[0]
+        return self.donor[1] if self.donor else (self.base_reader or self.readers[0])
+
+    def source(self, name: str) -> TensorSource:
+        """Where output tensor ``name`` is read from: the plan's entry for a slices recipe, else the
+        same name in the base (if any) and in every model."""
+        src = self.plan.sources.get(name)
+        if src is not None:
+            return src
+        first = 1 if self.base_reader else 0
+        return TensorSource(base=(0, name) if self.base_reader else None,
+                            inputs=tuple((first + i, name) for i in range(len(self.readers))),
+                            members=tuple(range(len(self.readers))), scope=None)
 
 
 def open_inputs(recipe: Recipe, options: MergeOptions,
@@ -105,6 +128,8 @@ def open_inputs(recipe: Recipe, options: MergeOptions,
         return resolved[ref]
 
     method_cls = get_method(recipe.merge_method)
+    if recipe.slices:
+        return _open_slices(recipe, options, pin, method_cls)
     base = pin(recipe.base_model) if method_cls.uses_base(recipe) else None
     models = [pin(e.model) for e in method_cls.input_entries(recipe)]
     base_reader = ModelReader(base.path, f"base '{base.ref}'", allow_pickle=options.allow_pickle) if base else None
@@ -117,17 +142,37 @@ def open_inputs(recipe: Recipe, options: MergeOptions,
                       vocab_policy=recipe.vocab_policy, out_dtype=out, cast_dtype=cast)
     if not base_reader and plan.extend_from is not None:
         plan.extend_from += 1
-    tok_ref = recipe.tokenizer_source or "base"
-    if tok_ref == "union":
-        raise MergeError("tokenizer_source: union is not supported; use base or one model's reference")
-    if tok_ref == "base":
-        tokenizer = base or models[0]
-    else:
-        tokenizer = pin(tok_ref)
+    tokenizer = _tokenizer(recipe, base or models[0], pin)
     if plan.extend_from is not None and tokenizer is not models[plan.extend_from]:
         raise MergeError(f"vocab_policy: extend takes the extra rows from '{models[plan.extend_from].ref}'; "
                          "set tokenizer_source to that model so the tokenizer matches")
     return Inputs(method, base, models, tokenizer, readers, base_reader, plan, cast)
+
+
+def _tokenizer(recipe: Recipe, default: ResolvedModel, pin) -> ResolvedModel:
+    tok_ref = recipe.tokenizer_source or "base"
+    if tok_ref == "union":
+        raise MergeError("tokenizer_source: union is not supported; use base or one model's reference")
+    return default if tok_ref == "base" else pin(tok_ref)
+
+
+def _open_slices(recipe: Recipe, options: MergeOptions, pin, method_cls) -> Inputs:
+    """A slices recipe: every referenced model opened; the plan maps each output tensor to the
+    tensors it is merged from (``slices.plan_slices``). The output's config and, by default, its
+    tokenizer come from the base model, else the first slice's first source (mergekit's donor)."""
+    refs = recipe.referenced_models()
+    pinned = {ref: pin(ref) for ref in refs}
+    pool = {ref: ModelReader(m.path, f"model '{ref}'", allow_pickle=options.allow_pickle) for ref, m in pinned.items()}
+    donor = recipe.base_model or recipe.slices[0].sources[0].model
+    cast = DTYPES[recipe.dtype] if recipe.dtype else None
+    plan, labels = plan_slices(recipe, method_cls, pool, donor, cast_dtype=cast,
+                               out_dtype=DTYPES[recipe.out_dtype] if recipe.out_dtype else None)
+    uses_base = recipe.base_model is not None and method_cls.uses_base(recipe)
+    base = pinned[recipe.base_model] if uses_base else None
+    return Inputs(method_cls(recipe), base, [pinned[ref] for ref in labels],
+                  _tokenizer(recipe, pinned[donor], pin), [pool[ref] for ref in labels],
+                  pool[recipe.base_model] if uses_base else None, plan, cast,
+                  pool=list(pool.values()), donor=(pinned[donor], pool[donor]))
 
 
 def _num_layers(config: dict) -> int | None:
@@ -173,7 +218,8 @@ def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | No
         return MergeResult(None, plan)
 
     # Local inputs are hashed on a thread while the merge runs (sha256 releases the GIL).
-    with BackgroundHashes([inputs.base, *inputs.models, inputs.tokenizer] if options.hash_inputs else []) as hashes:
+    pinned = [inputs.base, *inputs.models, inputs.tokenizer] + ([inputs.donor[0]] if inputs.donor else [])
+    with BackgroundHashes(pinned if options.hash_inputs else []) as hashes:
         return _merge_into(recipe, out_dir, options, inputs, device, stats, recipe_text, log, hashes)
 
 
@@ -214,9 +260,8 @@ def _merge_into(recipe: Recipe, out_dir, options: MergeOptions, inputs: Inputs, 
 
 def _merge_tensors(inputs: Inputs, method: MergeMethod, writer: ShardedWriter, diag: Diagnostics,
                    device: torch.device, model_stats: list[float] | None, progress: bool) -> None:
-    plan = inputs.plan
+    plan, pool = inputs.plan, inputs.pool
     ws = Workspace(device)
-    all_readers = ([inputs.base_reader] if inputs.base_reader else []) + inputs.readers
     written: dict[str, torch.Tensor] = {}
     targets = set(plan.aliases.values())
     with _bar(plan.total_bytes, "merge", progress) as bar:
@@ -226,25 +271,29 @@ def _merge_tensors(inputs: Inputs, method: MergeMethod, writer: ShardedWriter, d
                 diag.tensors[name] = {**diag.tensors[plan.aliases[name]], "tied_to": plan.aliases[name]}
                 continue
             rows = plan.shared_rows.get(name)
-            tensors = [load_compute(r, name, device, inputs.cast_dtype, rows, workspace=ws, slot=f"m{i}")
-                       for i, r in enumerate(inputs.readers)]
-            globals_, per = method.resolve(name)
+            src = inputs.source(name)
+            read = ([src.base] if src.base else []) + list(src.inputs)  # (pool index, name) pairs
+            tensors = [load_compute(pool[i], n, device, inputs.cast_dtype, rows, workspace=ws, slot=f"m{k}")
+                       for k, (i, n) in enumerate(src.inputs)]
+            globals_, per = method.resolve(name) if src.scope is None else method.resolve(name, src.scope)
             base = deltas = g = None
-            if inputs.base_reader is not None:
-                base = load_compute(inputs.base_reader, name, device, inputs.cast_dtype, rows,
+            if src.base is not None:
+                base = load_compute(pool[src.base[0]], src.base[1], device, inputs.cast_dtype, rows,
                                     workspace=ws, slot="base")
-            if base is not None and method.task_vectors:
-                taus = [x.sub_(base) for x in tensors]  # in place: the raw weights are not needed again
-                g = gram(taus)
-                if not all(math.isfinite(g[i][i]) for i in range(len(g))):
-                    raise name_nonfinite(all_readers, name)
-                deltas = [method.sparsify(name, i, tau, per[i], globals_) for i, tau in enumerate(taus)]
-                tensors = []
-            job = TensorJob(name, base, tensors, deltas, per, globals_, model_stats)
-            out = method.merge(job)
+            if base is not None and not src.inputs:  # a slice of only its base: the base, as it is
+                out = MergeOutput(base, [])
+            else:
+                if base is not None and method.task_vectors:
+                    taus = [x.sub_(base) for x in tensors]  # in place: the raw weights are not needed again
+                    g = gram(taus)
+                    if not all(math.isfinite(g[i][i]) for i in range(len(g))):
+                        raise name_nonfinite([pool[i] for i, _ in read], name, names=[n for _, n in read])
+                    deltas = [method.sparsify(name, i, tau, per[i], globals_) for i, tau in enumerate(taus)]
+                    tensors = []
+                out = method.merge(TensorJob(name, base, tensors, deltas, per, globals_, model_stats))
             merged = out.tensor
             if g is None and not bool(torch.isfinite(merged.sum())):
-                raise name_nonfinite(all_readers, name)
+                raise name_nonfinite([pool[i] for i, _ in read], name, names=[n for _, n in read])
             if plan.extend_from is not None and plan.out_shapes[name][0] > merged.shape[0]:
                 donor = inputs.readers[plan.extend_from]
                 extra = donor.get(name)[merged.shape[0]:]
@@ -257,7 +306,7 @@ def _merge_tensors(inputs: Inputs, method: MergeMethod, writer: ShardedWriter, d
             writer.write(name, result)
             if name in targets:
                 written[name] = result.clone()
-            diag.add(name, g, out.coefficients)
+            diag.add(name, g, out.coefficients, members=src.members if plan.sources else None)
             bar.update(result.numel() * result.element_size())
 
 
@@ -267,9 +316,12 @@ def _report(recipe: Recipe, inputs: Inputs, diag: Diagnostics, model_stats: list
     whole = method.model_report(model_stats, labels)
     model.update(whole)
     if not whole:
-        coeffs = [t["coefficients"] for t in diag.tensors.values() if t.get("coefficients")]
-        if coeffs:
-            model["coefficients_mean"] = {lab: sum(c[i] for c in coeffs) / len(coeffs) for i, lab in enumerate(labels)}
+        sums: dict[str, list[float]] = {}  # a slices recipe merges each model into some tensors only
+        for t in diag.tensors.values():
+            for lab, c in zip(t.get("models", labels), t.get("coefficients") or []):
+                sums.setdefault(lab, []).append(c)
+        if sums:
+            model["coefficients_mean"] = {lab: sum(sums[lab]) / len(sums[lab]) for lab in labels if lab in sums}
     return MergeReport(
         method=recipe.merge_method, parameters=recipe.parameters, base=inputs.base.ref if inputs.base else None,
         models=labels, dtype=recipe.dtype, out_dtype=recipe.out_dtype, model=model, tensors=diag.tensors,
@@ -282,7 +334,7 @@ def _report(recipe: Recipe, inputs: Inputs, diag: Diagnostics, model_stats: list
 
 def _write_side_files(tmp: Path, recipe: Recipe, inputs: Inputs, report: MergeReport,
                       recipe_text: str | None) -> None:
-    ref = inputs.base or inputs.models[0]
+    ref = inputs.donor[0] if inputs.donor else (inputs.base or inputs.models[0])
     config = inputs.reference.config()
     if config:
         if recipe.out_dtype or recipe.dtype:
@@ -290,6 +342,7 @@ def _write_side_files(tmp: Path, recipe: Recipe, inputs: Inputs, report: MergeRe
             config.pop("torch_dtype", None)
         if inputs.plan.vocab_size:
             config["vocab_size"] = inputs.plan.vocab_size
+        config.update(inputs.plan.config_updates)  # slices: the output's layer count
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     gen = ref.path / "generation_config.json"
     if gen.exists():
@@ -311,6 +364,8 @@ def _provenance(tmp: Path, recipe: Recipe, inputs: Inputs, shard_hashes: dict[st
     roles = ([("base", inputs.base)] if inputs.base else []) + [("model", m) for m in inputs.models]
     if all(inputs.tokenizer is not m for _, m in roles):
         roles.append(("tokenizer", inputs.tokenizer))
+    if inputs.donor and all(inputs.donor[0] is not m for _, m in roles):
+        roles.append(("config", inputs.donor[0]))
     import safetensors
     return {
         "recipe": recipe.model_dump(exclude_none=True),

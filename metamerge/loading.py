@@ -72,13 +72,15 @@ def load_compute(reader: ModelReader, name: str, device: torch.device, cast_dtyp
     return out
 
 
-def name_nonfinite(readers: list[ModelReader], name: str, what: str = "merged tensor") -> MergeError:
-    """The one-line error for a non-finite result: which input holds the NaN/Inf, if any."""
-    for reader in readers:
-        t = reader.get(name).float()
+def name_nonfinite(readers: list[ModelReader], name: str, what: str = "merged tensor",
+                   names: list[str] | None = None) -> MergeError:
+    """The one-line error for a non-finite result: which input holds the NaN/Inf, if any.
+    ``names``: the tensor each reader holds it under, when not ``name`` (slices)."""
+    for reader, held in zip(readers, names or [name] * len(readers)):
+        t = reader.get(held).float()
         if not bool(torch.isfinite(t).all()):
             bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-            return MergeError(f"{reader.label}: tensor '{name}' in {reader.tensors[name].file} contains {bad}; "
+            return MergeError(f"{reader.label}: tensor '{held}' in {reader.tensors[held].file} contains {bad}; "
                               "the checkpoint is damaged: re-download or re-train it")
     return MergeError(f"{what} '{name}' overflowed to Inf/NaN in the compute dtype; merge with dtype: float64 "
                       "or check the weights")

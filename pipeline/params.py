@@ -176,6 +176,9 @@ def registry_config(pipeline: PipelineParams, source: str = "params"):
 
 def _check(recipe: Recipe, pipeline: PipelineParams, source: str, check_files: bool) -> None:
     """Cross-field checks that pydantic alone cannot express."""
+    if recipe.slices:
+        raise InputError(f"{source}: recipe: slices (layer stacking) are not supported by the pipeline, whose steps "
+                         "work per fine-tune on whole models; merge that recipe with `metamerge merge`")
     registry_config(pipeline, source)
     if check_files and pipeline.eval.lm_eval is not None and importlib.util.find_spec("lm_eval") is None:
         raise InputError(f"{source}: pipeline.eval.lm_eval names benchmarks but lm-evaluation-harness is not "

@@ -27,9 +27,9 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import MergeError
-from .params import REQUIRED, Param, evaluate_setting, layer_fraction, leaves
+from .params import REQUIRED, Param, ParamScope, evaluate_setting, layer_fraction, leaves
 
-__all__ = ["MergeMethod", "MergeOutput", "Param", "RecipeWarning", "TensorJob", "available_methods",
+__all__ = ["MergeMethod", "MergeOutput", "Param", "ParamScope", "RecipeWarning", "TensorJob", "available_methods",
            "evaluate_setting", "get_method", "layer_fraction", "register"]
 
 BASE_POLICIES = ("required", "optional", "input")
@@ -155,23 +155,36 @@ class MergeMethod:
         """Method-specific checks of the recipe (e.g. exactly two models); none by default."""
 
     # -- resolution per tensor ------------------------------------------------------------------
-    def _value(self, p: Param, settings: list[dict], tensor_name: str) -> Any:
-        t = layer_fraction(tensor_name, self.num_layers)
+    def _value(self, p: Param, settings, tensor_name: str, t: float | None = None) -> Any:
+        """The first setting (highest precedence first) that gives ``p`` a value for this tensor;
+        a filter list that matches nothing falls through to the next, as in mergekit."""
+        if t is None:
+            t = layer_fraction(tensor_name, self.num_layers)
         for s in settings:
             if p.name in s:
-                v = evaluate_setting(s[p.name], tensor_name, t)
+                v = evaluate_setting(s[p.name], tensor_name, t, convert=p.lax)
                 if v is not None:
                     return p.coerce(v, f"{self.name} tensor '{tensor_name}'")
         if p.default is REQUIRED:
             raise MergeError(f"{self.name}: no value of '{p.name}' applies to tensor '{tensor_name}'")
         return p.default
 
-    def resolve(self, tensor_name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Global and per-model parameter values for one tensor."""
-        g = {p.name: self._value(p, [self.recipe.parameters], tensor_name)
-             for p in self.params if not p.per_model}
-        per = [{p.name: self._value(p, [e.parameters, self.recipe.parameters], tensor_name)
-                for p in self.params if p.per_model} for e in self.entries]
+    def resolve(self, tensor_name: str, scope: ParamScope | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Global and per-model parameter values for one tensor.
+
+        Without ``scope`` (a whole-model recipe): the recipe's entries, their parameters over the
+        recipe's, gradients at the tensor's layer. A ``scope`` (a slices recipe) gives the entries'
+        settings, the tensor name each entry is read under and the gradient position instead.
+        """
+        if scope is None:
+            g = {p.name: self._value(p, [self.recipe.parameters], tensor_name)
+                 for p in self.params if not p.per_model}
+            per = [{p.name: self._value(p, [e.parameters, self.recipe.parameters], tensor_name)
+                    for p in self.params if p.per_model} for e in self.entries]
+            return g, per
+        g = {p.name: self._value(p, scope.shared, tensor_name, scope.t) for p in self.params if not p.per_model}
+        per = [{p.name: self._value(p, settings, name, scope.t) for p in self.params if p.per_model}
+               for settings, name in zip(scope.per_entry, scope.names)]
         return g, per
 
     # -- whole-model statistics (a pass of their own) -------------------------------------------

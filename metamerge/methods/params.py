@@ -40,6 +40,7 @@ class Param:
                 raise MergeError(f"{where}: '{self.name}' must be true or false, not {value!r}")
             return value
         if self.kind is float:
+            value = self.lax(value)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise MergeError(f"{where}: '{self.name}' must be a number, not {value!r}")
             value = float(value)
@@ -56,6 +57,35 @@ class Param:
             raise MergeError(f"{where}: bad value {value!r} for '{self.name}'{': ' + self.hint if self.hint else ''}")
         return value
 
+    def lax(self, value: Any) -> Any:
+        """mergekit (pydantic) reads a numeric string as a number for a numeric parameter: YAML
+        loads ``1e-3`` (no dot) as a string, so ``epsilon: 1e-3`` must still be 0.001."""
+        if self.kind is float and isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                return value
+        return value
+
+
+@dataclass(frozen=True)
+class ParamScope:
+    """Where one tensor's parameters come from when the tensor is not read under its own name
+    from every model (a slices recipe): mergekit's ``ConfigReader`` for one output tensor.
+
+    ``shared``: the settings global parameters are read from, highest precedence first (the
+    slice's ``parameters``, then the recipe's). ``per_entry``: for each merged model, its settings
+    (the source's ``parameters``, the slice's, the recipe's) and, in ``names``, the tensor name it
+    is read under, which is what a ``filter`` is matched against for that model's parameters.
+    ``t``: the gradient position (mergekit: a layer's index in its slice over the slice's length
+    minus one, 1 for a one-layer slice, 0 outside the layers).
+    """
+
+    t: float
+    shared: tuple[dict, ...]
+    per_entry: tuple[tuple[dict, ...], ...]
+    names: tuple[str, ...]
+
 
 def layer_fraction(tensor_name: str, num_layers: int | None) -> float:
     """Where a tensor sits in the depth of the model, 0..1, for mergekit's gradient parameters.
@@ -69,14 +99,22 @@ def layer_fraction(tensor_name: str, num_layers: int | None) -> float:
     return 1.0 if num_layers < 2 else index / (num_layers - 1)
 
 
-def evaluate_setting(value: Any, tensor_name: str, t: float) -> Any:
-    """A parameter value for one tensor: a scalar, a gradient list, or a list of {filter, value}.
+def evaluate_setting(value: Any, tensor_name: str, t: float, convert: Callable[[Any], Any] | None = None) -> Any:
+    """A parameter value for one tensor: a scalar, a gradient list, or one or a list of {filter, value}.
 
-    Mirrors mergekit: a list of numbers is interpolated linearly at ``t``; a list of mappings
-    picks the first whose ``filter`` is a substring of the tensor name (no filter matches all).
+    Mirrors mergekit's ``evaluate_setting``: a list of numbers is interpolated linearly at ``t``
+    (a list of other scalars picks the entry at ``int(t * (n - 1))``); a list of mappings picks the
+    first whose ``filter`` is a substring of the tensor name (no filter, or ``*``, matches all);
+    None when nothing matches (the caller falls through to the next setting). ``convert`` is the
+    parameter's own reading of one scalar (numeric strings of a numeric parameter), applied to a
+    list's entries before deciding whether they interpolate, as mergekit validates them first.
     """
+    if isinstance(value, dict):
+        value = [value]
     if not isinstance(value, list):
         return value
+    if convert is not None and not any(isinstance(v, dict) for v in value):
+        value = [convert(v) for v in value]
     if value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         scaled = t * (len(value) - 1)
         i0 = int(math.floor(scaled))
@@ -88,12 +126,14 @@ def evaluate_setting(value: Any, tensor_name: str, t: float) -> Any:
             return value[int(t * (len(value) - 1))]
         filt = cond.get("filter")
         if filt is None or filt == "*" or filt in tensor_name:
-            return evaluate_setting(cond.get("value"), tensor_name, t)
+            return evaluate_setting(cond.get("value"), tensor_name, t, convert)
     return None
 
 
 def leaves(value: Any) -> list[Any]:
     """Every concrete value a (possibly list-shaped) parameter setting can produce."""
+    if isinstance(value, dict):
+        value = [value]
     if not isinstance(value, list):
         return [value]
     out: list[Any] = []

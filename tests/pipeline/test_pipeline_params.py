@@ -27,7 +27,9 @@ def test_repo_params_files_validate(path):
     (lambda d: d.update(pipline={}), "unknown key 'pipline'"),
     (lambda d: d["pipeline"].update(watch=[{"dirr": "x"}]), "unknown key 'pipeline.watch.0.dirr'"),
     (lambda d: d["pipeline"].update(registry={"model_nam": "x"}), "pipeline.registry: unknown key 'model_nam'"),
-    (lambda d: d["recipe"].update(slices=[]), "recipe: unknown key 'slices'"),
+    (lambda d: d["recipe"].update(merge_method="linear", parameters={"weight": 1.0}, slices=[
+        {"sources": [{"model": d["recipe"].pop("models")[0]["model"], "layer_range": [0, 1]}]}]),
+     "recipe: slices \\(layer stacking\\) are not supported by the pipeline"),
     (lambda d: d["recipe"].update(merge_method="nope"), "unknown merge_method 'nope'"),
     # when to merge is prefect.yaml's alone (its cron), not a param
     (lambda d: d["pipeline"].update(schedule="0 3 * * *"), "unknown key 'pipeline.schedule'"),

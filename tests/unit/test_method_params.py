@@ -50,9 +50,15 @@ def test_layer_fraction_single_layer_is_one():
 NAME = "model.layers.0.mlp.up_proj.weight"
 
 
-@pytest.mark.parametrize("value", [0.5, 3, "tensor", True, None, {"a": 1}])
+@pytest.mark.parametrize("value", [0.5, 3, "tensor", True, None])
 def test_scalar_is_returned_as_is(value):
     assert evaluate_setting(value, NAME, 0.7) == value
+
+
+def test_a_single_mapping_is_a_one_condition_list():
+    """mergekit accepts one bare ``{filter, value}`` mapping where a list of them may stand."""
+    assert evaluate_setting({"filter": "mlp", "value": 0.25}, NAME, 0.7) == 0.25
+    assert evaluate_setting({"filter": "self_attn", "value": 0.25}, NAME, 0.7) is None
 
 
 @pytest.mark.parametrize("value, t, expected", [
@@ -130,9 +136,14 @@ def test_float_param_accepts_ints_as_floats():
     assert out == 2.0 and type(out) is float
 
 
-@pytest.mark.parametrize("value", [True, "1", None, [1.0]])
+@pytest.mark.parametrize("value", [True, "one", None, [1.0]])
 def test_float_param_refuses_non_numbers(value):
     _raises(Param("weight"), value, "must be a number")
+
+
+def test_float_param_reads_a_numeric_string():
+    """YAML reads ``1e-3`` as a string; mergekit's parameter validation reads it as the number."""
+    assert Param("weight").coerce("1e-3", "recipe.yaml: ties") == pytest.approx(0.001)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])

@@ -88,7 +88,6 @@ def test_not_a_mapping(data):
 
 
 @pytest.mark.parametrize("key, hint", [
-    ("slices", "layer slicing"),
     ("modules", "per-module"),
     ("tokenizer", "tokenizer_source"),
     ("chat_template", "chat_template"),
