@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from parity_helpers import assert_same_tensors, load_dir, recipe_for, run_both
 
 ATTN_T = [{"filter": "attn", "value": [0.2, 0.8]}, {"filter": "mlp", "value": 0.7}, {"value": 0.4}]
