@@ -45,6 +45,8 @@ def study_recipes(base: str, finetunes: list[str], *, seed: int = 0) -> dict[str
         "sce": recipe("sce", {"select_topk": DENSITY}),
         "ram": recipe("ram"),
         "ramplus_tl": recipe("ramplus_tl"),
+        "multislerp": recipe("multislerp", None, {"weight": 1.0}),
+        "karcher": {"merge_method": "karcher", "models": [{"model": f} for f in finetunes]},
         # the paper's "weight average": the fine-tunes averaged, no base
         "linear": {"merge_method": "linear",
                    "models": [{"model": f, "parameters": {"weight": 1.0}} for f in finetunes]},
