@@ -41,8 +41,9 @@ def test_model_stock_known_angle():
     v = _unit(v - (v @ u) * u)
     a, b = 2.0 * u, 3.0 * (0.5 * u + math.sqrt(0.75) * v)
     expected = base + (2 / 3) * (a + b) / 2
-    out = _run("model_stock", {}, base, [base + a, base + b]).tensor
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    got = _run("model_stock", {}, base, [base + a, base + b])
+    torch.testing.assert_close(got.tensor, expected, rtol=0, atol=1e-12)
+    assert got.coefficients == pytest.approx([1 / 3, 1 / 3], rel=1e-12)   # t / N each
     # three offsets: the mean of the three pairwise cosines, t = 3c / (1 + 2c)
     c3 = 0.2 * u + math.sqrt(0.96) * v
     cos = (float(_unit(a) @ _unit(b)) + float(_unit(a) @ c3) + float(_unit(b) @ c3)) / 3
@@ -77,10 +78,12 @@ def test_nearswap_elements():
     a = torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0], dtype=F64)
     b = torch.tensor([0.005, 0.1, -0.02, 1.0, 1.96], dtype=F64)
     t = 0.01
-    out = _run("nearswap", {"t": t}, a, [b]).tensor
+    got = _run("nearswap", {"t": t}, a, [b])
+    out = got.tensor
     w = [min(1.0, t / max(abs(x - y), 1e-6)) for x, y in zip(a.tolist(), b.tolist())]
     expected = torch.tensor([wi * y + (1 - wi) * x for wi, x, y in zip(w, a.tolist(), b.tolist())], dtype=F64)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)
+    assert got.coefficients == pytest.approx([sum(w) / len(w)])
     assert out[0] == b[0] and out[3] == 1.0                                  # within t: swapped whole
     torch.testing.assert_close(out[1], torch.tensor(0.01, dtype=F64), rtol=0, atol=1e-15)
     # a gradient: t at layer 1 of 3 is the middle value

@@ -77,4 +77,4 @@ class ArceeFusion(MergeMethod):
                 self._generator = torch.Generator().manual_seed(job.globals["seed"])
             generator = self._generator
         mask, _ = fusion_mask(importance(model, base), generator)
-        return MergeOutput(base + (model - base) * mask)
+        return MergeOutput(base + (model - base) * mask, [float(mask.mean())])  # the share of elements taken

@@ -16,8 +16,10 @@ from ..errors import MergeError
 from .base import MergeMethod, MergeOutput, Param, TensorJob, register
 
 
-def model_stock(w_0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
-    """Model Stock of raw weights ``ws`` around the base ``w_0`` (mergekit's kernel, op for op)."""
+def model_stock(w_0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model Stock of raw weights ``ws`` around the base ``w_0`` (mergekit's kernel, op for op),
+    and the ratio ``t`` (one per row with ``filter_wise``)."""
     out_shape = w_0.shape
     if filter_wise:
         if w_0.dim() == 1:
@@ -41,7 +43,7 @@ def model_stock(w_0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool = F
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
     t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
     average = sum(ws) / count
-    return (t * average + (1 - t) * w_0).reshape(out_shape)
+    return (t * average + (1 - t) * w_0).reshape(out_shape), t
 
 
 @register
@@ -61,4 +63,6 @@ class ModelStock(MergeMethod):
 
     def merge(self, job: TensorJob) -> MergeOutput:
         assert job.base is not None
-        return MergeOutput(model_stock(job.base, job.tensors, job.globals["filter_wise"]))
+        out, t = model_stock(job.base, job.tensors, job.globals["filter_wise"])
+        share = float(t.mean()) / len(job.tensors)  # each fine-tune's weight in the result (mean over rows)
+        return MergeOutput(out, [share] * len(job.tensors))

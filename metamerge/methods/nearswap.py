@@ -12,11 +12,11 @@ from ..errors import MergeError
 from .base import MergeMethod, MergeOutput, Param, TensorJob, register
 
 
-def nearswap(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """NearSwap of base ``a`` and model ``b`` (mergekit's kernel, op for op)."""
+def nearswap(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """NearSwap of base ``a`` and model ``b`` (mergekit's kernel, op for op), and the weights."""
     absdiff = torch.abs(a - b)
     weight = (t / absdiff.clamp(min=1e-6)).clamp(min=0, max=1)
-    return weight * b + (1 - weight) * a
+    return weight * b + (1 - weight) * a, weight
 
 
 def one_fine_tune(method: str, recipe, source: str) -> None:
@@ -41,4 +41,5 @@ class NearSwap(MergeMethod):
 
     def merge(self, job: TensorJob) -> MergeOutput:
         assert job.base is not None
-        return MergeOutput(nearswap(job.base, job.tensors[0], job.globals["t"]))
+        out, weight = nearswap(job.base, job.tensors[0], job.globals["t"])
+        return MergeOutput(out, [float(weight.mean())])  # the fine-tune's mean weight

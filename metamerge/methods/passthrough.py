@@ -32,5 +32,5 @@ class Passthrough(MergeMethod):
     def merge(self, job: TensorJob) -> MergeOutput:
         tensor, scale = job.tensors[0], job.params[0]["scale"]
         if scale is None:
-            return MergeOutput(tensor)
+            return MergeOutput(tensor, [1.0])
         return MergeOutput(tensor * scale, [scale])

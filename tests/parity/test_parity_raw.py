@@ -57,6 +57,20 @@ def test_raw_methods_match_mergekit(arch_models, tmp_path, case):
     assert_same_tensors(mk, mm, f"{arch}/{case}")
 
 
+def test_passthrough_slices_match_mergekit(arch_models, tmp_path):
+    """passthrough's usual recipe, a slices frankenmerge: a source's ``scale`` filters match the
+    name each tensor is read under. (Three output layers, as the inputs have: mergekit keeps qwen2's
+    ``layer_types`` as they were, so another count fails to load in mergekit itself.)"""
+    arch, m = arch_models
+    scale = [{"filter": "o_proj", "value": 0.0}, {"filter": "c_proj", "value": 0.0},
+             {"filter": "mlp", "value": [0.5, 2.0]}, {"value": 1.0}]
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(m["ft0"]), "layer_range": [2, 3]}]},
+        {"sources": [{"model": str(m["ft1"]), "layer_range": [0, 2], "parameters": {"scale": scale}}]}]}
+    mk, mm = run_both(tmp_path, recipe)
+    assert_same_tensors(mk, mm, f"{arch}/passthrough_slices")
+
+
 def worst_diff(out: dict, other: dict, names=None) -> float:
     return max(float((out[n].double() - other[n].float().double()).abs().max()) for n in (names or out))
 
