@@ -10,6 +10,7 @@ file only composes them.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -26,20 +27,34 @@ from tasks.register import register
 from tasks.task_vectors import compute_norms, extract_task_vectors
 
 
+def run_name(label: str) -> str:
+    """A task-run name Prefect's CLI and UI show safely: ``compute_norms[/abs/ft-a]`` becomes
+    ``compute_norms-ft-a``. Square brackets are rich markup to ``prefect task-run ls`` (a path
+    inside them is read as a closing tag and the command exits 1); the full reference is in the
+    task run's parameters."""
+    m = re.fullmatch(r"(\w+)\[(.*)\]", label)
+    if not m:
+        return label
+    kind, ref = m.groups()
+    short = ref.rstrip("/").rsplit("/", 1)[-1].split("@")[0]
+    return f"{kind}-{re.sub(r'[^A-Za-z0-9._-]+', '-', short).strip('-.')[:48] or 'model'}"
+
+
 class StepStates:
-    """Runs tasks and remembers each run's final state name ("Completed", "Cached", ...)."""
+    """Runs tasks and remembers each run's final state name ("Completed", "Cached", ...) under its
+    full label (``compute_norms[<ref>]``); the task run itself is named by :func:`run_name`."""
 
     def __init__(self) -> None:
         self.states: dict[str, str] = {}
 
     def run(self, label: str, task, *args, refresh: bool = False, **kwargs):
-        t = task.with_options(task_run_name=label, refresh_cache=True if refresh else None)
+        t = task.with_options(task_run_name=run_name(label), refresh_cache=True if refresh else None)
         state = t(*args, return_state=True, **kwargs)
         self.states[label] = state.name
         return state.result()
 
     def submit(self, label: str, task, *args, **kwargs):
-        return label, task.with_options(task_run_name=label).submit(*args, **kwargs)
+        return label, task.with_options(task_run_name=run_name(label)).submit(*args, **kwargs)
 
     def gather(self, submitted) -> list:
         out = []

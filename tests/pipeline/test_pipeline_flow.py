@@ -54,6 +54,16 @@ def test_first_run_writes_the_merge_and_its_reports(first_run, tiny_models):
     assert result["registered"]["registered"] is False  # no registry in these params
 
 
+def test_prefect_cli_lists_the_task_runs(first_run, prefect_server):
+    """Task-run names carry no rich markup: ``prefect task-run ls`` prints them and exits 0."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "COLUMNS": "250"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "prefect"), "task-run", "ls", "--limit", "50"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "compute_norms-ft-a" in proc.stdout and "download-base" in proc.stdout, proc.stdout
+    assert "[" not in "".join(l for l in proc.stdout.splitlines() if "compute_norms" in l)
+
+
 def test_flow_output_is_bit_for_bit_the_engines(first_run, tmp_path):
     from metamerge.engine import MergeOptions, merge
     from metamerge.recipe import parse_recipe
