@@ -121,14 +121,22 @@ def merge_flow(recipe: str | dict[str, Any] = "params/demo.yaml") -> dict[str, A
 
 
 def run_from_command_line(module: str, argv: list[str] | None, run) -> int:
-    """``python -m MODULE PARAMS.yaml``: ``run(path)`` returns the line to print; errors are one line."""
+    """``python -m MODULE PARAMS.yaml``: ``run(path)`` returns the line to print; errors are one line.
+
+    The params and the inputs they name are checked first, in this process: a bad file fails in a
+    second with one line, before Prefect starts a (temporary) server or creates any flow run."""
     from metamerge.errors import run_cli
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print(f"usage: python -m {module} PARAMS.yaml", file=sys.stderr)
         return 2
-    return run_cli(lambda: print(run(args[0])))
+
+    def checked_then_run() -> None:
+        steps.check_inputs(load_params(args[0]))
+        print(run(args[0]))
+
+    return run_cli(checked_then_run)
 
 
 def main(argv: list[str] | None = None) -> int:

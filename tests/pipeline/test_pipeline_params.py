@@ -114,6 +114,23 @@ def test_task_vectors_are_base_free_deltas_when_materialised(tiny_models, tmp_pa
 
 
 @pytest.mark.parametrize("module", ["flows.merge_flow", "flows.watch_flow"])
+def test_bad_params_fail_before_any_prefect_server_starts(module, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "prefect-home"
+    (tmp_path / "p.yaml").write_text("recipe: {merge_method: task_arithmetic, base_model: ./nowhere, "
+                                     "models: [{model: ./nowhere-a}, {model: ./nowhere-b}]}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-m", module, str(tmp_path / "p.yaml")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and "nowhere" in proc.stderr, proc.stderr
+    assert not list(home.rglob("*.db")), "a Prefect server (its database) was started"
+
+
+@pytest.mark.parametrize("module", ["flows.merge_flow", "flows.watch_flow"])
 def test_flow_command_lines_report_usage_and_errors_in_one_line(module, tmp_path, capsys, prefect_server):
     import importlib
 
