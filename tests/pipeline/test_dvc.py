@@ -64,6 +64,7 @@ def test_dvc_repro_then_nothing_then_push_pull(tiny_models, tmp_path):
     out = sh([DVC, "repro"], repo)
     for stage in ("download", "norms", "merge", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out, out
+    assert "Loading weights" not in out and "it/s]" not in out, out  # no third-party bars in stage logs
     work = repo / "outputs" / "dvc"
     model = work / "model"
     assert (model / "model.safetensors").is_file() and (work / "metrics.json").is_file()
