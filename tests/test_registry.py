@@ -234,10 +234,9 @@ def test_rollback_then_manual_promote(registered, client, config, capsys):
 
 
 def test_floor_rejects_despite_higher_mean(registered, merged, config, client):
-    from modelregistry.register import register_merge
-
     from metamerge.engine import MergeOptions, merge
     from metamerge.recipe import load_recipe
+    from modelregistry.register import register_merge
 
     # other weights than the three registered (the same weights would find their version)
     recipe = merged["worse"].parent / "worse.yaml"

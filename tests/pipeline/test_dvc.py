@@ -81,6 +81,7 @@ def test_dvc_repro_then_nothing_then_push_pull(tiny_models, tmp_path):
     assert str(tmp_path) not in lock and str(tmp_path) not in (work / "pins.json").read_text()
     # the version records this run's lock (every stage before register) and the commit's state
     from mlflow import MlflowClient
+
     from pipeline.keys import digest
 
     client = MlflowClient(f"sqlite:///{repo / 'registry' / 'mlflow.db'}")

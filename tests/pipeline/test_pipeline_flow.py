@@ -61,7 +61,7 @@ def test_prefect_cli_lists_the_task_runs(first_run, prefect_server):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "compute_norms-ft-a" in proc.stdout and "download-base" in proc.stdout, proc.stdout
-    assert "[" not in "".join(l for l in proc.stdout.splitlines() if "compute_norms" in l)
+    assert "[" not in "".join(line for line in proc.stdout.splitlines() if "compute_norms" in line)
 
 
 def test_flow_output_is_bit_for_bit_the_engines(first_run, tmp_path):
