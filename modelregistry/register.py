@@ -79,7 +79,7 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_NAME_IN_RUN = "model"
 MAX_DESCRIPTION = 5000
 PIP_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors")
-REPRODUCE = "metamerge-registry reproduce NAME VERSION OUT_DIR   # checks inputs and bit-identity"
+REPRODUCE = "metamerge-registry reproduce {name} {version} OUT_DIR --tracking-uri {uri}   # checks inputs, bit-identity"
 
 
 @dataclass
@@ -106,8 +106,9 @@ class RegistrationResult:
         return asdict(self)
 
 
-def _model_card(provenance: Mapping[str, Any], report: MergeReport, scores, fallback: str) -> str:
-    """The merge's model card re-rendered with the scores (falls back to the README as merged)."""
+def _model_card(provenance: Mapping[str, Any], report: MergeReport, scores, fallback: str, reproduce: str) -> str:
+    """The merge's model card re-rendered with the scores and the registry's reproduce command
+    (falls back to the README as merged)."""
     try:
         from metamerge.modelcard import render_model_card
 
@@ -116,11 +117,11 @@ def _model_card(provenance: Mapping[str, Any], report: MergeReport, scores, fall
         ins = [SimpleNamespace(ref=i.get("ref"), revision=i.get("revision")) for i in provenance.get("inputs", [])]
         base = next((SimpleNamespace(ref=i.ref, revision=i.revision) for i, d in
                      zip(ins, provenance.get("inputs", [])) if d.get("role") == "base"), None)
-        models = [i for i, d in zip(ins, provenance.get("inputs", [])) if d.get("role") != "base"]
+        models = [i for i, d in zip(ins, provenance.get("inputs", [])) if d.get("role") == "model"]
         table = {t: {k: v for k, v in (m or {}).items() if v is None or number(v) is not None}
                  for t, m in (scores or {}).items()}
         return render_model_card(recipe, report, SimpleNamespace(base=base, models=models), scores=table or None,
-                                 reproduce=REPRODUCE)
+                                 reproduce=reproduce)
     except Exception:  # the card is documentation: never fail a registration over it
         return fallback
 
@@ -248,7 +249,6 @@ def register_merge(merged_dir: str | Path, scores: Mapping[str, Mapping[str, Any
     params, merge_metrics = report_params(report, provenance)
     metrics = {**merge_metrics, **score_metrics(scores or {}, summary or {})}
     readme = (path / "README.md").read_text(encoding="utf-8")
-    card = _model_card(provenance, report, scores, readme)
     name = run_name or f"merge-{(provenance.get('recipe') or {}).get('name') or report.method}-{tags['recipe_sha256'][:8]}"
 
     with use_store(config), tempfile.TemporaryDirectory(prefix="metamerge-register-") as tmp:
@@ -261,7 +261,6 @@ def register_merge(merged_dir: str | Path, scores: Mapping[str, Mapping[str, Any
             experiment_id = exp.experiment_id
             if exp.lifecycle_stage == "deleted":
                 client.restore_experiment(experiment_id)
-        (tmp / "model_card.md").write_text(card, encoding="utf-8")
         full_lineage = {"tags": tags, "caller": dict(lineage or {}), "inputs": provenance.get("inputs", []),
                         "outputs": outputs, "provenance_sha256": prov_sha}
         (tmp / "lineage.json").write_text(json.dumps(full_lineage, indent=2, sort_keys=True, default=str) + "\n")
@@ -284,7 +283,6 @@ def register_merge(merged_dir: str | Path, scores: Mapping[str, Mapping[str, Any
                 mlflow.log_metrics(metrics)
             for f in SIDE_FILES:
                 mlflow.log_artifact(str(path / f), MERGE_DIR)
-            mlflow.log_artifact(str(tmp / "model_card.md"), MERGE_DIR)
             mlflow.log_artifact(str(tmp / "lineage.json"), MERGE_DIR)
             mlflow.log_artifact(str(tmp / "scores.json"), EVAL_DIR)
             _log_extra(mlflow, extra_artifacts)
@@ -297,6 +295,11 @@ def register_merge(merged_dir: str | Path, scores: Mapping[str, Mapping[str, Any
             mv = mlflow.register_model(info.model_uri, config.model_name, tags=tags)
             run_id = run.info.run_id
             artifact_uri = run.info.artifact_uri
+        # the card names the version that reproduces it: known only now
+        card = _model_card(provenance, report, scores, readme,
+                           REPRODUCE.format(name=config.model_name, version=mv.version, uri=config.tracking_uri))
+        (tmp / "model_card.md").write_text(card, encoding="utf-8")
+        client.log_artifact(run_id, str(tmp / "model_card.md"), MERGE_DIR)
         client.update_model_version(config.model_name, mv.version, description=card[:MAX_DESCRIPTION])
         decision = (apply_gate(config.model_name, mv.version, config, client) if gate else
                     PromotionDecision(config.model_name, str(mv.version), "registered", "gate not run", None, None))

@@ -486,3 +486,22 @@ def test_config_defaults(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     c = RegistryConfig()
     assert c.tracking_uri == "http://mlflow.internal:5000" and c.artifact_location is None
+
+
+def test_model_card_has_hugging_face_front_matter_scores_and_the_real_reproduce_command(registered, merged, client):
+    from huggingface_hub import ModelCard
+
+    first = registered["first"]
+    card = ModelCard(client.get_model_version(NAME, first.version).description)
+    data = card.data.to_dict()
+    prov = json.loads((merged["first"] / "provenance.json").read_text())
+    refs = [i["ref"] for i in prov["inputs"] if i["role"] in ("base", "model")]
+    assert data["base_model"] == refs and data["base_model_relation"] == "merge"
+    assert data["merge_method"] == "metagpt" and {"merge", "metamerge", "metagpt"} <= set(data["tags"])
+    results = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results[("arith", "normalized_score")] == pytest.approx(0.80)
+    assert results[("wiki", "loss")] == pytest.approx(3.1) and ("wiki", "exact_match") not in results
+    assert f"metamerge-registry reproduce {NAME} {first.version} OUT_DIR --tracking-uri sqlite:///" in card.text
+    # the card the merge wrote parses too (no scores yet: no model-index)
+    plain = ModelCard((merged["first"] / "README.md").read_text()).data.to_dict()
+    assert plain["base_model"] == refs and "model-index" not in plain
