@@ -505,3 +505,22 @@ def test_model_card_has_hugging_face_front_matter_scores_and_the_real_reproduce_
     # the card the merge wrote parses too (no scores yet: no model-index)
     plain = ModelCard((merged["first"] / "README.md").read_text()).data.to_dict()
     assert plain["base_model"] == refs and "model-index" not in plain
+
+
+def test_registry_commands_refuse_a_tracking_uri_without_a_database(registered, config, tmp_path, capsys):
+    import argparse
+
+    from modelregistry.cli import build_parser
+    from modelregistry.cli import main as registry_main
+
+    typo = tmp_path / "mlrun.db"
+    assert registry_main(["audit", NAME, "1", "--tracking-uri", f"sqlite:///{typo}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --tracking-uri sqlite:///{typo}: no such database") and "\n" not in err
+    assert not typo.exists() and not (tmp_path / "mlartifacts").exists()  # nothing created
+    assert registry_main(["audit", NAME, "1", "--tracking-uri", config.tracking_uri]) == 0
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for p in (parser, *subs.choices.values()):
+        for action in p._actions:
+            assert action.help, f"{p.prog}: {action.option_strings or action.dest} has no help"
