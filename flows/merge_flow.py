@@ -10,6 +10,7 @@ file only composes them.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from typing import Any
@@ -65,6 +66,36 @@ class StepStates:
         return out
 
 
+def params_limit_name(params) -> str:
+    """The global concurrency limit of every merge with these params: runs that share them (the
+    nightly deployment and the watcher both read params/demo.yaml) write the same merge, reports
+    and registry versions, so they take turns. Keyed by the merge's name and output root."""
+    root = keys.digest(str(params.output_root))[:8]
+    return _artifact_key(f"merge-{params.name}-{root}")
+
+
+@contextlib.contextmanager
+def one_at_a_time(params):
+    """Hold the one slot of :func:`params_limit_name` (created with limit 1 on first use; raise it
+    with ``prefect gcl update NAME --limit N`` to allow more) for the duration of the merge."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = params_limit_name(params)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:  # another run created it first
+                pass
+    with concurrency(name, occupy=1, strict=True):
+        yield
+
+
 def _artifact_key(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in f"metamerge-{name}".lower()).strip("-")[:80]
 
@@ -79,8 +110,12 @@ def merge_flow(recipe: str | dict[str, Any] = "params/demo.yaml") -> dict[str, A
     """
     params = load_params(recipe)        # validated before any work starts
     steps.check_inputs(params)
+    with one_at_a_time(params):
+        return _merge(params, StepStates())
+
+
+def _merge(params, run: StepStates) -> dict[str, Any]:
     p = params.to_dict()
-    run = StepStates()
 
     refs = keys.input_refs(params)
     pins = dict(zip(refs, run.gather([run.submit(f"download[{r}]", download, r) for r in refs])))

@@ -64,6 +64,22 @@ def test_prefect_cli_lists_the_task_runs(first_run, prefect_server):
     assert "[" not in "".join(line for line in proc.stdout.splitlines() if "compute_norms" in line)
 
 
+def test_runs_sharing_params_share_one_concurrency_slot(first_run, tiny_models, tmp_path):
+    """The nightly deployment and the watcher read the same params: their merges take turns on one
+    global concurrency limit (limit 1), released when the run ends; other params, another limit."""
+    from prefect.client.orchestration import get_client
+
+    from flows.merge_flow import params_limit_name
+    from pipeline.params import load_params
+
+    params, _, _ = first_run
+    name = params_limit_name(load_params(params))
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(name)
+    assert limit.limit == 1 and limit.active_slots == 0 and limit.active
+    assert params_limit_name(load_params(params_for(tiny_models, tmp_path))) != name
+
+
 def test_flow_output_is_bit_for_bit_the_engines(first_run, tmp_path):
     from metamerge.engine import MergeOptions, merge
     from metamerge.recipe import parse_recipe

@@ -174,3 +174,23 @@ def test_scenario_stage_without_a_scenario_needs_the_data_dir(tmp_path, capsys):
     (tmp_path / "p.yaml").write_text(recipe + "pipeline: {scenario: {size: huge}}\n")
     assert main(["scenario", str(tmp_path / "p.yaml")]) == 2
     assert "pipeline.scenario.size" in capsys.readouterr().err
+
+
+def test_deployments_are_checked_before_deploying(tiny_models, tmp_path, capsys):
+    """prefect.yaml's deployments: refused in one line when their inputs are missing (the demo's
+    before `make demo`), listed as ready when they are there."""
+    from flows.deployments import main
+
+    deployment = {"name": "watcher", "entrypoint": "flows/watch_flow.py:watch_flow",
+                  "parameters": {"recipe": str(tmp_path / "demo.yaml")}}
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump({"deployments": [deployment]}))
+    params = params_for(tiny_models, tmp_path)
+    params["pipeline"]["eval_sets"]["add"] = str(tmp_path / "not-built" / "add.jsonl")
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(params))
+    assert main([str(tmp_path / "prefect.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'prefect.yaml'}: deployment 'watcher' would fail on every run: ")
+    assert "not-built" in err and err.endswith("(build the demo's models and eval sets first: make demo)")
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(params_for(tiny_models, tmp_path)))
+    assert main([str(tmp_path / "prefect.yaml")]) == 0
+    assert capsys.readouterr().out.strip() == f"watcher: {tmp_path / 'demo.yaml'} ready"
