@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from metamerge.errors import MergeError
-from pipeline_helpers import params_for
 from pipeline.params import load_params
+
+from pipeline_helpers import params_for
 
 REPO = Path(__file__).resolve().parents[2]
 
