@@ -11,17 +11,16 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from . import __version__
 from .atomic import atomic_directory
 from .checks import Plan, TensorSource, plan_merge
+from .device import resolve_device
 from .diagnostics import Diagnostics, gram
 from .errors import MergeError
 from .io import ModelReader, ShardedWriter, parse_size
@@ -30,9 +29,10 @@ from .methods import TensorJob, get_method
 from .methods.base import MergeMethod, MergeOutput
 from .modelcard import render_model_card
 from .norms import task_vector_statistics
+from .progress import progress_bar
 from .recipe import Recipe
-from .report import REPORT_FILE, MergeReport
 from .refs import BackgroundHashes, ModelRef, ResolvedModel, resolve, sha256_file
+from .report import REPORT_FILE, MergeReport
 from .slices import plan_slices
 
 TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "added_tokens.json",
@@ -60,19 +60,8 @@ class MergeResult:
     provenance: dict = field(default_factory=dict)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MergeError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise MergeError(f"unknown device '{name}': use cpu, cuda or auto")
-    return torch.device(name)
-
-
 def _bar(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False,
-                disable=not (enabled and sys.stderr.isatty()))
+    return progress_bar(total, desc, enabled, unit="B", unit_scale=True)
 
 
 @dataclass
