@@ -28,7 +28,9 @@ def test_table_has_every_method_and_scores_in_range(study_result):
     data = json.loads((Path(result["dir"]) / "study.json").read_text())
     rows = data["accuracy"]
     expected = {"base", "experts (each on its own task)", "metagpt", "metagpt_tensor", "metagpt_dare",
-                "metagpt_ties", "task_arithmetic_0.3", "ties", "dare_ties", "linear"}
+                "metagpt_ties", "task_arithmetic_0.3", "ties", "dare_ties", "linear", "dare_linear", "breadcrumbs",
+                "breadcrumbs_ties", "della", "della_linear", "metagpt_breadcrumbs", "metagpt_della", "sce", "ram",
+                "ramplus_tl", "multislerp", "karcher", "model_stock"}
     assert expected <= set(rows)
     assert any(name.startswith("task_arithmetic_oracle") for name in rows)
     for name, scores in rows.items():
