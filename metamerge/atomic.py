@@ -3,6 +3,11 @@
 Everything is written into a hidden temporary sibling of the target and renamed into place at the
 end, so an interrupted run leaves no half-written directory and never clobbers an existing one
 unless asked to.
+
+Permissions follow the user's umask, as a plain ``open``/``mkdir`` would: the temporary names come
+from ``tempfile``, which makes them private (0700 directories, 0600 files) so that no one reads a
+half-written output; once renamed into place they would stay private, and a serving account in the
+same group could not read the merged model. They are set to ``0o777``/``0o666`` minus the umask.
 """
 
 from __future__ import annotations
@@ -17,6 +22,13 @@ from typing import IO, Iterator
 from .errors import MergeError
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` when the block exits cleanly."""
@@ -26,6 +38,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -49,6 +62,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with (os.fdopen(fd, "w", encoding="utf-8", newline="") if mode == "w" else os.fdopen(fd, "wb")) as fh:
             yield fh
         os.replace(tmp, path)
