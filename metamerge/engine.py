@@ -223,8 +223,8 @@ def _merge_into(recipe: Recipe, out_dir, options: MergeOptions, inputs: Inputs, 
         if missing:
             for i, st in zip(missing, compute_statistics(inputs, missing, device, options.progress)):
                 stats[method.entries[i].model] = st
-        # summed in float64, in the plan's fixed tensor order
-        model_stats = [float(sum(stats[e.model][n] for n in plan.names if n not in plan.aliases))
+        # summed exactly (fsum): the same whatever order the tensors' statistics arrived in
+        model_stats = [math.fsum(stats[e.model][n] for n in plan.names if n not in plan.aliases)
                        for e in method.entries]
 
     diag = Diagnostics(labels)

@@ -1,0 +1,73 @@
+"""Fault suite: the same recipe gives the same bytes whatever the CPU thread count.
+
+Each merge runs in its own interpreter with ``torch.set_num_threads(1)`` and ``(2)``. The models
+have tensors past ATen's parallel grain (32768 entries): below it torch reduces on one thread and
+no thread count can show a difference. Whole-tensor sums (squared norms, L1 rescale, Karcher and
+spherical norms and dots) used to split across threads and changed lambdas and rescale factors.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import build_tokenizer, make_model, perturb, save
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {
+    "metagpt": ("metagpt", {}, {}),
+    "metagpt_dare": ("metagpt", {"sparsify": "dare"}, {"density": 0.5}),
+    "dare_ties": ("dare_ties", {}, {"density": 0.5, "weight": 1.0}),
+    "della": ("della", {}, {"density": 0.5, "weight": 1.0, "epsilon": 0.1}),
+    "karcher": ("karcher", {}, {}),
+    "nuslerp": ("nuslerp", {}, {"weight": 1.0}),
+}
+RUNNER = """
+import json, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+sys.path.insert(0, sys.argv[2])
+from models import run_merge
+for out, recipe in json.loads(sys.argv[3]).items():
+    run_merge(recipe, out)
+"""
+
+
+@pytest.fixture(scope="module")
+def wide_family(tmp_path_factory):
+    """A bfloat16 llama whose embedding and head have 65536 entries, and three fine-tunes."""
+    root = tmp_path_factory.mktemp("wide")
+    base = make_model("llama", seed=5, vocab=4096)
+    save(base, root / "base", dtype=torch.bfloat16, tokenizer=build_tokenizer(4096))
+    for k in range(3):
+        save(perturb(base, seed=77 + k, scale=0.01 * (k + 1), skip=lambda n: False), root / f"ft{k}",
+             dtype=torch.bfloat16)
+    return root
+
+
+def _recipe(root: Path, case: str) -> dict:
+    method, globals_, per = CASES[case]
+    n = 2 if method == "nuslerp" else 3
+    recipe = {"merge_method": method, "base_model": str(root / "base"), "dtype": "bfloat16",
+              "models": [{"model": str(root / f"ft{k}"), **({"parameters": per} if per else {})} for k in range(n)]}
+    if globals_:
+        recipe["parameters"] = globals_
+    return recipe
+
+
+def _merge_all(root: Path, out: Path, threads: int) -> dict[str, bytes]:
+    recipes = {str(out / case): _recipe(root, case) for case in CASES}
+    subprocess.run([sys.executable, "-c", RUNNER, str(threads), str(ROOT / "tests"), json.dumps(recipes)],
+                   check=True, cwd=ROOT, capture_output=True)
+    return {case: (out / case / "model.safetensors").read_bytes() for case in CASES}
+
+
+def test_same_bytes_on_one_and_two_threads(wide_family, tmp_path):
+    one = _merge_all(wide_family, tmp_path / "t1", 1)
+    two = _merge_all(wide_family, tmp_path / "t2", 2)
+    differing = [case for case in CASES if one[case] != two[case]]
+    assert differing == []
