@@ -365,4 +365,19 @@ def _provenance(tmp: Path, recipe: Recipe, inputs: Inputs, shard_hashes: dict[st
         "versions": {"metamerge": __version__, "torch": torch.__version__.split("+")[0],
                      "safetensors": safetensors.__version__},
         "device": device.type,
+        # What can still change the bytes is the device kind and the library versions above; the
+        # thread and core counts are recorded to show they were different and did not matter.
+        "environment": _environment(device),
     }
+
+
+def _environment(device) -> dict:
+    import os
+    import platform
+
+    env = {"python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "thread_count_changes_bytes": False}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env

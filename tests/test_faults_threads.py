@@ -71,3 +71,32 @@ def test_same_bytes_on_one_and_two_threads(wide_family, tmp_path):
     two = _merge_all(wide_family, tmp_path / "t2", 2)
     differing = [case for case in CASES if one[case] != two[case]]
     assert differing == []
+
+
+def test_provenance_records_what_can_still_change_the_bytes(wide_family, tmp_path):
+    from models import run_merge
+
+    result = run_merge(_recipe(wide_family, "metagpt"), tmp_path / "out")
+    env = result.provenance["environment"]
+    assert env["torch_threads"] == torch.get_num_threads() and env["thread_count_changes_bytes"] is False
+    assert set(result.provenance["versions"]) >= {"torch", "safetensors", "metamerge"}
+    assert result.provenance["device"] == "cpu"
+
+
+def test_a_mismatch_names_the_differing_tensors_and_the_likely_cause(wide_family, tmp_path):
+    from modelregistry.compare import likely_cause, tensor_differences
+    from safetensors.torch import load_file, save_file
+
+    from models import run_merge
+
+    run_merge(_recipe(wide_family, "metagpt"), tmp_path / "a")
+    state = load_file(str(tmp_path / "a" / "model.safetensors"))
+    state["lm_head.weight"] = state["lm_head.weight"].clone()
+    state["lm_head.weight"][0, 0] += 0.5
+    (tmp_path / "b").mkdir()
+    save_file(state, str(tmp_path / "b" / "model.safetensors"), metadata={"format": "pt"})
+    diffs = tensor_differences(tmp_path / "a", tmp_path / "b")
+    assert [d["tensor"] for d in diffs] == ["lm_head.weight"]
+    assert diffs[0]["max_abs_diff"] == pytest.approx(0.5, abs=0.01)
+    assert likely_cause(["torch 2.14.0 here, 2.13.0 when recorded"], diffs) == "torch 2.14.0 here, 2.13.0 when recorded"
+    assert "an input changed on disk" in likely_cause([], diffs)
