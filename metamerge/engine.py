@@ -24,6 +24,7 @@ from .device import resolve_device
 from .diagnostics import Diagnostics, gram
 from .errors import MergeError
 from .io import ModelReader, ShardedWriter, parse_size
+from .io.untrusted import own_file
 from .loading import DTYPES, Workspace, load_compute, name_nonfinite
 from .methods import TensorJob, get_method
 from .methods.base import MergeMethod, MergeOutput
@@ -334,11 +335,11 @@ def _write_side_files(tmp: Path, recipe: Recipe, inputs: Inputs, report: MergeRe
         config.update(inputs.plan.config_updates)  # slices: the output's layer count
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     gen = ref.path / "generation_config.json"
-    if gen.exists():
+    if own_file(ref.path, gen):  # side files: only the folder's own regular files (no link to a secret)
         shutil.copyfile(gen, tmp / gen.name)
     for pattern in TOKENIZER_GLOBS:
         for f in sorted(inputs.tokenizer.path.glob(pattern)):
-            if f.is_file():
+            if own_file(inputs.tokenizer.path, f):
                 shutil.copyfile(f, tmp / f.name)
     (tmp / RECIPE_FILE).write_text(recipe_text if recipe_text is not None else recipe.to_yaml())
     (tmp / REPORT).write_text(report.to_json())

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError, TransientSourceError
+from .io.untrusted import own_file
 
 # Files a merge needs from a model repository; nothing else is downloaded.
 ALLOW_PATTERNS = [
@@ -74,7 +75,7 @@ def sha256_file(path: Path) -> str:
 
 def model_files(path: Path) -> list[Path]:
     """The files of a model directory that define it (weights, configs, tokenizer), sorted."""
-    out = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    out = [p for p in path.iterdir() if own_file(path, p) and not p.name.startswith(".")]
     return sorted(out, key=lambda p: p.name)
 
 
