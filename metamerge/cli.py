@@ -31,6 +31,7 @@ def _merge(args) -> int:
                           "vocab_rows_shared": plan.shared_rows}, indent=2))
         return 0
     print(f"wrote {result.out_dir} ({len(plan.names)} tensors, {plan.total_bytes / 1e6:.1f} MB)")
+    assert result.report is not None  # a merge that wrote OUT_DIR has a report
     for ref, c in result.report.coefficients.items():
         print(f"  {ref}: {c:.6f}")
     return 0

@@ -34,7 +34,7 @@ from .progress import progress_bar
 from .recipe import Recipe
 from .refs import BackgroundHashes, ModelRef, ResolvedModel, resolve, sha256_file
 from .report import REPORT_FILE, MergeReport
-from .slices import plan_slices
+from .slices import plan_slices, slices_of
 
 TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "added_tokens.json",
                    "chat_template*")
@@ -120,7 +120,7 @@ def open_inputs(recipe: Recipe, options: MergeOptions,
     method_cls = get_method(recipe.merge_method)
     if recipe.slices:
         return _open_slices(recipe, options, pin, method_cls)
-    base = pin(recipe.base_model) if method_cls.uses_base(recipe) else None
+    base = pin(recipe.base_model) if recipe.base_model and method_cls.uses_base(recipe) else None
     models = [pin(e.model) for e in method_cls.input_entries(recipe)]
     base_reader = ModelReader(base.path, f"base '{base.ref}'", allow_pickle=options.allow_pickle) if base else None
     readers = [ModelReader(m.path, f"model '{m.ref}'", allow_pickle=options.allow_pickle) for m in models]
@@ -153,15 +153,15 @@ def _open_slices(recipe: Recipe, options: MergeOptions, pin, method_cls) -> Inpu
     refs = recipe.referenced_models()
     pinned = {ref: pin(ref) for ref in refs}
     pool = {ref: ModelReader(m.path, f"model '{ref}'", allow_pickle=options.allow_pickle) for ref, m in pinned.items()}
-    donor = recipe.base_model or recipe.slices[0].sources[0].model
+    donor = recipe.base_model or slices_of(recipe)[0].sources[0].model
     cast = DTYPES[recipe.dtype] if recipe.dtype else None
     plan, labels = plan_slices(recipe, method_cls, pool, donor, cast_dtype=cast,
                                out_dtype=DTYPES[recipe.out_dtype] if recipe.out_dtype else None)
-    uses_base = recipe.base_model is not None and method_cls.uses_base(recipe)
-    base = pinned[recipe.base_model] if uses_base else None
+    base_ref = recipe.base_model if method_cls.uses_base(recipe) else None
+    base = pinned[base_ref] if base_ref else None
     return Inputs(method_cls(recipe), base, [pinned[ref] for ref in labels],
                   _tokenizer(recipe, pinned[donor], pin), [pool[ref] for ref in labels],
-                  pool[recipe.base_model] if uses_base else None, plan, cast,
+                  pool[base_ref] if base_ref else None, plan, cast,
                   pool=list(pool.values()), donor=(pinned[donor], pool[donor]))
 
 

@@ -67,6 +67,12 @@ def _is_pre(name: str) -> bool:
     return bool(_PRE.search(name)) and not _POST.search(name)
 
 
+def slices_of(recipe: Recipe) -> list[OutputSlice]:
+    """The recipe's output slices (callers reach here only for a ``slices:`` recipe)."""
+    assert recipe.slices is not None, "not a slices recipe"
+    return recipe.slices
+
+
 # ------------------------------------------------------------------------------ validation
 
 
@@ -75,7 +81,7 @@ def slice_view(recipe: Recipe, method_cls: type[MergeMethod], index: int,
     """Slice ``index`` as a whole-model recipe over its sources (the form methods validate and
     list their entries from). Its ``parameters`` merge the slice's over the recipe's, for
     validation only: merging resolves them in order instead (``ParamScope``)."""
-    sl = recipe.slices[index]
+    sl = slices_of(recipe)[index]
     sources = sl.sources if sources is None else sources
     base = sl.base_model or recipe.base_model
     if base and method_cls.base_policy == "input" and all(s.model != base for s in sources):
@@ -97,7 +103,7 @@ def validate_slices(recipe: Recipe, method_cls: type[MergeMethod], source: str) 
     seen: dict[str, warnings.WarningMessage] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for i, sl in enumerate(recipe.slices):
+        for i, sl in enumerate(slices_of(recipe)):
             where = f"{source}: slices[{i}]"
             if sl.residual_weight is not None:
                 warnings.warn(f"{where}: residual_weight is read by nothing in mergekit 0.1.5; it is ignored",
@@ -166,7 +172,7 @@ class _Group:
 
 def _group(recipe: Recipe, method_cls: type[MergeMethod], index: int,
            sources: list[SliceSource] | None = None) -> _Group:
-    sl: OutputSlice = recipe.slices[index]
+    sl: OutputSlice = slices_of(recipe)[index]
     view = slice_view(recipe, method_cls, index, sources)
     entries = method_cls.input_entries(view)
     by_ref = {s.model: s for s in (sl.sources if sources is None else sources)}
@@ -226,7 +232,7 @@ class _Planner:
             self.add(name, group, {ref: name for ref in read}, 0.0)
 
     def layers(self, index: int, offset: int, template: dict[str, tuple[int, ...]], prefix: str) -> None:
-        sl = self.recipe.slices[index]
+        sl = slices_of(self.recipe)[index]
         group = _group(self.recipe, self.method_cls, index)
         read = ([group.base] if group.base else []) + [e.model for e in group.entries]
         where = f"slices[{index}]"
@@ -261,7 +267,7 @@ def plan_slices(recipe: Recipe, method_cls: type[MergeMethod], pool: dict[str, M
     positions in it); ``donor`` is the model whose config the output takes. Returns the plan and
     the merged models (every model that is an entry somewhere, in order of appearance)."""
     p = _Planner(recipe, method_cls, pool, out_dtype, cast_dtype)
-    slices = recipe.slices
+    slices = slices_of(recipe)
     ref_h = p.headers[donor]
     if not ref_h.layers:
         raise MergeError(f"model '{donor}' has no layer stack (no '...layers.N.' tensors) to take slices of")

@@ -16,7 +16,7 @@ import torch
 from .. import sparsify as sp
 from .params import Param
 
-DENSITY = dict(check=lambda d: 0 < d <= 1, hint="density is the fraction kept, in (0, 1]")
+DENSITY: dict[str, Any] = dict(check=lambda d: 0 < d <= 1, hint="density is the fraction kept, in (0, 1]")
 
 # apply(tau, per-model params, generator or None, rescale) -> sparsified tau
 Apply = Callable[[torch.Tensor, dict[str, Any], "torch.Generator | None", bool], torch.Tensor]
@@ -28,6 +28,11 @@ class Sparsifier:
     params: tuple[Param, ...]   # per-model parameters it reads besides density
     random: bool
     apply: Apply
+
+
+def _random(tau, p, gen, rescale):
+    assert gen is not None, "a random sparsifier needs the caller's generator"
+    return sp.dare(tau, p["density"], gen, rescale="l1" if rescale else None)
 
 
 def _della(tau, p, gen, rescale):
@@ -43,8 +48,7 @@ SPARSIFIERS: dict[str, Sparsifier] = {s.name: s for s in (
     Sparsifier("none", (), False, lambda tau, p, gen, rescale: tau),
     Sparsifier("magnitude", (), False,
                lambda tau, p, gen, rescale: sp.magnitude(tau, p["density"], rescale=rescale)),
-    Sparsifier("random", (), True,
-               lambda tau, p, gen, rescale: sp.dare(tau, p["density"], gen, rescale="l1" if rescale else None)),
+    Sparsifier("random", (), True, _random),
     Sparsifier("magnitude_outliers", (Param("gamma", default=0.01, per_model=True),), False,
                lambda tau, p, gen, rescale: sp.magnitude_outliers(tau, p["density"], p["gamma"], rescale=rescale)),
     Sparsifier("della_magprune", (Param("epsilon", default=0.15, per_model=True),), True, _della),
