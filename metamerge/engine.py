@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .atomic import atomic_directory
+from .atomic import atomic_directory, out_lock
 from .checks import Plan, TensorSource, plan_merge
 from .device import resolve_device
 from .diagnostics import Diagnostics, gram
@@ -51,6 +51,7 @@ class MergeOptions:
     max_shard_size: str | int = "5GB"
     progress: bool = True
     hash_inputs: bool = True
+    wait: bool = False  # another merge writing the same OUT: wait for it instead of failing at once
 
 
 @dataclass
@@ -209,8 +210,24 @@ def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | No
 
     # Local inputs are hashed on a thread while the merge runs (sha256 releases the GIL).
     pinned = [inputs.base, *inputs.models, inputs.tokenizer] + ([inputs.donor[0]] if inputs.donor else [])
-    with BackgroundHashes(pinned if options.hash_inputs else []) as hashes:
-        return _merge_into(recipe, out_dir, options, inputs, device, stats, recipe_text, log, hashes)
+    _refuse_out_over_input(out_dir, [m for m in pinned if m is not None])
+    with out_lock(out_dir, wait=options.wait):  # one writer per OUT, from here to the final rename
+        if Path(out_dir).exists() and not options.overwrite:  # finished by the writer we waited for
+            raise MergeError(f"{Path(out_dir).absolute()} already exists; choose another output directory "
+                             "or pass --overwrite")
+        with BackgroundHashes(pinned if options.hash_inputs else []) as hashes:
+            return _merge_into(recipe, out_dir, options, inputs, device, stats, recipe_text, log, hashes)
+
+
+def _refuse_out_over_input(out_dir, models) -> None:
+    """OUT may not be, contain or lie inside an input: --overwrite would delete the model being read."""
+    out = Path(out_dir).absolute().resolve()
+    for m in models:
+        p = Path(m.path).absolute().resolve()
+        how = "is" if out == p else "contains" if out in p.parents else "lies inside" if p in out.parents else None
+        if how:
+            raise MergeError(f"{Path(out_dir).absolute()}: the output directory {how} the input '{m.ref}' ({p}); "
+                             "choose an output directory outside every input")
 
 
 def _merge_into(recipe: Recipe, out_dir, options: MergeOptions, inputs: Inputs, device: torch.device,
