@@ -219,6 +219,17 @@ def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | No
             return _merge_into(recipe, out_dir, options, inputs, device, stats, recipe_text, log, hashes)
 
 
+def _check_free_space(out_dir: Path, need: int) -> None:
+    """Fail before writing when the weights cannot fit: a full disk mid-merge wastes the whole run."""
+    where = out_dir.absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise MergeError(f"{out_dir.absolute()}: the merged weights need {need / 1e9:.2f} GB but only "
+                         f"{free / 1e9:.2f} GB are free there; free space or choose another output directory")
+
+
 def _refuse_out_over_input(out_dir, models) -> None:
     """OUT may not be, contain or lie inside an input: --overwrite would delete the model being read."""
     out = Path(out_dir).absolute().resolve()
@@ -246,6 +257,7 @@ def _merge_into(recipe: Recipe, out_dir, options: MergeOptions, inputs: Inputs, 
                        for e in method.entries]
 
     diag = Diagnostics(labels)
+    _check_free_space(Path(out_dir), plan.total_bytes)
     with atomic_directory(out_dir, overwrite=options.overwrite) as tmp:
         writer = ShardedWriter(tmp, [(n, plan.out_shapes[n], plan.out_dtypes[n]) for n in plan.names],
                                parse_size(options.max_shard_size))
