@@ -26,6 +26,7 @@ ALLOW_PATTERNS = [
 ]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 HASH_CHUNK = 8 << 20
+_LOCAL_REV = re.compile(r"[0-9a-f]{7,64}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,10 @@ def resolve(text: str, *, hash_files: bool = True, token: str | None = None) -> 
         path = Path(ref.name).expanduser().absolute()
         if not path.is_dir():
             raise InputError(f"model '{text}': no such directory {path}; check the path in the recipe")
+        if ref.revision and not _LOCAL_REV.fullmatch(ref.revision):
+            # a 1-character prefix matches 1 in 16 folders: it pins nothing
+            raise InputError(f"model '{text}': a local @revision must be at least 7 lowercase hex characters "
+                             f"of the folder's content hash (got '{ref.revision}'); copy it from provenance.json")
         digest, files = hash_model_dir(path) if hash_files else ("unhashed", {})
         if ref.revision and hash_files and not digest.startswith(ref.revision):
             raise InputError(

@@ -118,3 +118,18 @@ def test_a_config_link_to_elsewhere_is_refused(tiny_llama_bf16, tmp_path):
     with pytest.raises(MergeError, match=r"config.json is a link out of the model folder"):
         run_merge({"merge_method": "metagpt", "base_model": str(base),
                    "models": [{"model": m} for m in tiny_llama_bf16.refs]}, tmp_path / "out")
+
+
+@pytest.mark.parametrize("rev", ["a", "abc12", "ABCDEF12", "zzzzzzzz"])
+def test_a_local_revision_must_be_seven_hex_characters(tiny_llama_bf16, rev):
+    from metamerge.refs import resolve
+
+    with pytest.raises(MergeError, match=r"at least 7 lowercase hex characters"):
+        resolve(f"{tiny_llama_bf16.base}@{rev}", hash_files=False)
+
+
+def test_a_seven_character_local_revision_pins(tiny_llama_bf16):
+    from metamerge.refs import resolve
+
+    full = resolve(str(tiny_llama_bf16.base)).revision
+    assert resolve(f"{tiny_llama_bf16.base}@{full[:7]}").revision == full
