@@ -19,11 +19,11 @@ import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from .errors import MergeError
-
 
 _HELD: set[Path] = set()
 

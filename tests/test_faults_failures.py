@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from metamerge.errors import MergeError
+
 from models import write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from metamerge.errors import MergeError
 from metamerge.io import ModelReader
+
 from models import derive, run_merge
 
 LABEL = "model 'x'"

@@ -15,6 +15,7 @@ import pytest
 
 from metamerge.atomic import atomic_directory, out_lock
 from metamerge.errors import MergeError
+
 from models import load_state, run_merge, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def test_overwrite_refuses_an_out_over_an_input(tiny_llama_bf16, tmp_path, where
               "models": [{"model": str(fam_root / p.name)} for p in tiny_llama_bf16.finetunes]}
     out = {"is": fam_root / "base", "inside": fam_root / "base" / "merged", "contains": fam_root}[where]
     before = sorted(p.name for p in (fam_root / "base").iterdir())
-    with pytest.raises(MergeError, match=rf"the output directory (is|contains|lies inside) the input"):
+    with pytest.raises(MergeError, match=r"the output directory (is|contains|lies inside) the input"):
         run_merge(recipe, out, overwrite=True)
     assert sorted(p.name for p in (fam_root / "base").iterdir()) == before
 

@@ -84,8 +84,9 @@ def test_provenance_records_what_can_still_change_the_bytes(wide_family, tmp_pat
 
 
 def test_a_mismatch_names_the_differing_tensors_and_the_likely_cause(wide_family, tmp_path):
-    from modelregistry.compare import likely_cause, tensor_differences
     from safetensors.torch import load_file, save_file
+
+    from modelregistry.compare import likely_cause, tensor_differences
 
     from models import run_merge
 
