@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,23 @@ def retryable_status(status: int) -> bool:
     return status >= 500 or status in (408, 429)
 
 
+HUB_ATTEMPTS = 3        # a hub outage (network down, 5xx, 429) is retried this many times in all
+HUB_BACKOFF_S = 2.0     # seconds before the 2nd attempt, doubling after each failure
+
+
 def _resolve_hub(ref: ModelRef, text: str, *, hash_files: bool, token: str | None) -> ResolvedModel:
+    """``_resolve_hub_once`` with retries and exponential backoff on transient hub failures."""
+    for attempt in range(1, HUB_ATTEMPTS + 1):
+        try:
+            return _resolve_hub_once(ref, text, hash_files=hash_files, token=token)
+        except TransientSourceError as exc:
+            if attempt == HUB_ATTEMPTS:
+                raise TransientSourceError(f"{exc} (after {attempt} attempts)") from exc
+            time.sleep(HUB_BACKOFF_S * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def _resolve_hub_once(ref: ModelRef, text: str, *, hash_files: bool, token: str | None) -> ResolvedModel:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)

@@ -81,3 +81,46 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path):
     with pytest.raises(MergeError, match=r"need .* GB but only .* GB are free there"):
         _check_free_space(tmp_path / "a" / "out", 10**18)
     assert list(tmp_path.iterdir()) == []
+
+
+HUB_RUNNER = """
+import sys
+from metamerge import refs
+from metamerge.errors import TransientSourceError
+refs.HUB_BACKOFF_S = 0.0
+try:
+    refs.resolve("org/model")
+except TransientSourceError as exc:
+    print(exc)
+"""
+
+
+def test_a_hub_outage_is_retried_with_backoff(tmp_path):
+    import http.server
+    import threading
+
+    hits: list[str] = []
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):  # a real (local) hub answering 503
+        def _answer(self):
+            hits.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+               "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+        proc = subprocess.run([sys.executable, "-c", HUB_RUNNER], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+    finally:
+        server.shutdown()
+    assert proc.stdout.strip().endswith("(after 3 attempts)"), proc.stderr
+    assert hits.count("/api/models/org/model/revision/main") == 3
