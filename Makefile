@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 # not ours and that make runs directly: pip.
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
-.PHONY: demo test lint venv clean
+.PHONY: demo deploy test lint venv clean
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -23,6 +23,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: venv
 	$(PY) -m flows.demo
+
+# The Prefect deployments of prefect.yaml on a running server (PREFECT_API_URL set, see README):
+# their params are checked first (the demo's need `make demo`), then the work pool and the
+# deployments are created. Start a worker yourself: .venv/bin/prefect worker start --pool metamerge
+deploy: venv
+	$(PY) -m flows.deployments prefect.yaml
+	@test -n "$$PREFECT_API_URL" || { echo "error: PREFECT_API_URL is not set: start 'prefect server start' and export PREFECT_API_URL=http://127.0.0.1:4200/api" >&2; exit 2; }
+	$(VENV)/bin/prefect work-pool inspect metamerge >/dev/null 2>&1 || $(VENV)/bin/prefect work-pool create metamerge --type process
+	$(VENV)/bin/prefect --no-prompt deploy --all
 
 # The parity tests run the real mergekit, from its own venv so its pins never touch ours.
 MERGEKIT_VENV ?= .venv-mergekit

@@ -47,6 +47,7 @@ def study_recipes(base: str, finetunes: list[str], *, seed: int = 0) -> dict[str
         "ramplus_tl": recipe("ramplus_tl"),
         "multislerp": recipe("multislerp", None, {"weight": 1.0}),
         "karcher": {"merge_method": "karcher", "models": [{"model": f} for f in finetunes]},
+        "model_stock": recipe("model_stock"),
         # the paper's "weight average": the fine-tunes averaged, no base
         "linear": {"merge_method": "linear",
                    "models": [{"model": f, "parameters": {"weight": 1.0}} for f in finetunes]},

@@ -10,6 +10,8 @@ file only composes them.
 
 from __future__ import annotations
 
+import contextlib
+import re
 import sys
 from typing import Any
 
@@ -26,20 +28,34 @@ from tasks.register import register
 from tasks.task_vectors import compute_norms, extract_task_vectors
 
 
+def run_name(label: str) -> str:
+    """A task-run name Prefect's CLI and UI show safely: ``compute_norms[/abs/ft-a]`` becomes
+    ``compute_norms-ft-a``. Square brackets are rich markup to ``prefect task-run ls`` (a path
+    inside them is read as a closing tag and the command exits 1); the full reference is in the
+    task run's parameters."""
+    m = re.fullmatch(r"(\w+)\[(.*)\]", label)
+    if not m:
+        return label
+    kind, ref = m.groups()
+    short = ref.rstrip("/").rsplit("/", 1)[-1].split("@")[0]
+    return f"{kind}-{re.sub(r'[^A-Za-z0-9._-]+', '-', short).strip('-.')[:48] or 'model'}"
+
+
 class StepStates:
-    """Runs tasks and remembers each run's final state name ("Completed", "Cached", ...)."""
+    """Runs tasks and remembers each run's final state name ("Completed", "Cached", ...) under its
+    full label (``compute_norms[<ref>]``); the task run itself is named by :func:`run_name`."""
 
     def __init__(self) -> None:
         self.states: dict[str, str] = {}
 
     def run(self, label: str, task, *args, refresh: bool = False, **kwargs):
-        t = task.with_options(task_run_name=label, refresh_cache=True if refresh else None)
+        t = task.with_options(task_run_name=run_name(label), refresh_cache=True if refresh else None)
         state = t(*args, return_state=True, **kwargs)
         self.states[label] = state.name
         return state.result()
 
     def submit(self, label: str, task, *args, **kwargs):
-        return label, task.with_options(task_run_name=label).submit(*args, **kwargs)
+        return label, task.with_options(task_run_name=run_name(label)).submit(*args, **kwargs)
 
     def gather(self, submitted) -> list:
         out = []
@@ -48,6 +64,36 @@ class StepStates:
             self.states[label] = future.state.name
             out.append(future.result())
         return out
+
+
+def params_limit_name(params) -> str:
+    """The global concurrency limit of every merge with these params: runs that share them (the
+    nightly deployment and the watcher both read params/demo.yaml) write the same merge, reports
+    and registry versions, so they take turns. Keyed by the merge's name and output root."""
+    root = keys.digest(str(params.output_root))[:8]
+    return _artifact_key(f"merge-{params.name}-{root}")
+
+
+@contextlib.contextmanager
+def one_at_a_time(params):
+    """Hold the one slot of :func:`params_limit_name` (created with limit 1 on first use; raise it
+    with ``prefect gcl update NAME --limit N`` to allow more) for the duration of the merge."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = params_limit_name(params)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:  # another run created it first
+                pass
+    with concurrency(name, occupy=1, strict=True):
+        yield
 
 
 def _artifact_key(name: str) -> str:
@@ -64,8 +110,12 @@ def merge_flow(recipe: str | dict[str, Any] = "params/demo.yaml") -> dict[str, A
     """
     params = load_params(recipe)        # validated before any work starts
     steps.check_inputs(params)
+    with one_at_a_time(params):
+        return _merge(params, StepStates())
+
+
+def _merge(params, run: StepStates) -> dict[str, Any]:
     p = params.to_dict()
-    run = StepStates()
 
     refs = keys.input_refs(params)
     pins = dict(zip(refs, run.gather([run.submit(f"download[{r}]", download, r) for r in refs])))
@@ -106,14 +156,22 @@ def merge_flow(recipe: str | dict[str, Any] = "params/demo.yaml") -> dict[str, A
 
 
 def run_from_command_line(module: str, argv: list[str] | None, run) -> int:
-    """``python -m MODULE PARAMS.yaml``: ``run(path)`` returns the line to print; errors are one line."""
+    """``python -m MODULE PARAMS.yaml``: ``run(path)`` returns the line to print; errors are one line.
+
+    The params and the inputs they name are checked first, in this process: a bad file fails in a
+    second with one line, before Prefect starts a (temporary) server or creates any flow run."""
     from metamerge.errors import run_cli
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print(f"usage: python -m {module} PARAMS.yaml", file=sys.stderr)
         return 2
-    return run_cli(lambda: print(run(args[0])))
+
+    def checked_then_run() -> None:
+        steps.check_inputs(load_params(args[0]))
+        print(run(args[0]))
+
+    return run_cli(checked_then_run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,11 @@ One writer per target: :func:`out_lock` holds an exclusive ``flock`` on ``.<name
 (the kernel drops it when the process dies, so a killed merge never leaves a stale lock). Under
 that lock, any ``.<name>.tmp-*``/``.<name>.old-*`` sibling belongs to a dead process and is removed.
 The final rename refuses to replace a directory that appeared meanwhile unless ``overwrite``.
+
+Permissions follow the user's umask, as a plain ``open``/``mkdir`` would: the temporary names come
+from ``tempfile``, which makes them private (0700 directories, 0600 files) so that no one reads a
+half-written output; once renamed into place they would stay private, and a serving account in the
+same group could not read the merged model. They are set to ``0o777``/``0o666`` minus the umask.
 """
 
 from __future__ import annotations
@@ -97,6 +102,13 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` when the block exits cleanly."""
@@ -112,6 +124,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
 def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         if target.exists() and not overwrite:
             raise MergeError(f"{target} appeared while this merge ran; it was left as it is (pass --overwrite "
@@ -142,6 +155,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with (os.fdopen(fd, "w", encoding="utf-8", newline="") if mode == "w" else os.fdopen(fd, "wb")) as fh:
             yield fh
         os.replace(tmp, path)

@@ -14,9 +14,24 @@ import warnings
 from .errors import run_cli
 
 
+# mergekit-yaml flags that change nothing here, accepted so that a mergekit command line runs as is:
+# what each means in metamerge, said once on stderr.
+MERGEKIT_FLAGS = {
+    "--copy-tokenizer": "the tokenizer is always copied (recipe tokenizer_source: base by default)",
+    "--lazy-unpickle": "tensors are always streamed from safetensors; pickles need --allow-pickle",
+    "--cuda": "same as --device cuda",
+}
+
+
 def _merge(args) -> int:
     from .engine import MergeOptions, merge
     from .recipe import load_recipe
+
+    for flag in MERGEKIT_FLAGS:
+        if getattr(args, flag.lstrip("-").replace("-", "_")):
+            print(f"note: {flag} (mergekit): {MERGEKIT_FLAGS[flag]}", file=sys.stderr)
+    if args.cuda:
+        args.device = "cuda"
 
     recipe = load_recipe(args.recipe)
     options = MergeOptions(device=args.device, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
@@ -45,19 +60,26 @@ def _methods(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="metamerge", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"metamerge {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="merge or methods")
     m = sub.add_parser("merge", help="merge the models of a recipe (mergekit YAML) into OUT_DIR")
-    m.add_argument("recipe")
-    m.add_argument("out_dir")
-    m.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    m.add_argument("recipe", help="the recipe: mergekit's YAML format (merge_method, base_model, models, ...)")
+    m.add_argument("out_dir", help="where the merged model goes (written whole or not at all)")
+    m.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"],
+                   help="where tensors are merged (default auto: cuda when there is one)")
     m.add_argument("--dry-run", action="store_true", help="validate and plan; read no tensor, write nothing")
     m.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (atomically)")
     m.add_argument("--wait", action="store_true", help="if another merge is writing OUT_DIR, wait for it "
                    "(default: fail at once)")
     m.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt checkpoints (pickle can run code)")
-    m.add_argument("--max-shard-size", default="5GB")
-    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 2GB or 500MB (default 5GB)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    for flag, meaning in MERGEKIT_FLAGS.items():
+        m.add_argument(flag, action="store_true", help=f"accepted for mergekit compatibility: {meaning}")
     m.set_defaults(func=_merge)
     ls = sub.add_parser("methods", help="list the merge methods and their parameters (a markdown table)")
     ls.set_defaults(func=_methods)

@@ -1,6 +1,17 @@
-"""The model card (README.md) a merged model directory carries: what went in and how to redo it."""
+"""The model card (README.md) a merged model directory carries: what went in and how to redo it.
+
+It opens with Hugging Face front matter (``huggingface_hub.ModelCard`` parses it, the Hub shows it):
+``base_model`` lists every merged model, base first, with ``base_model_relation: merge`` (the Hub's
+convention for merges, as mergekit writes it), ``library_name: transformers``, ``tags`` (``merge``,
+``metamerge``, the method) and ``merge_method``; with scores, a ``model-index`` of one result per
+task and metric, so the Hub and other tools read them without parsing the table.
+"""
 
 from __future__ import annotations
+
+import math
+
+import yaml
 
 from .report import MergeReport
 
@@ -9,10 +20,36 @@ def _fmt(x) -> str:
     return "-" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
 
 
+def _number(x) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def front_matter(recipe, inputs, scores: dict | None = None) -> dict:
+    """The card's metadata (see the module docstring)."""
+    refs = ([inputs.base.ref] if inputs.base else []) + [m.ref for m in inputs.models]
+    meta: dict = {"base_model": list(dict.fromkeys(str(r) for r in refs)), "base_model_relation": "merge",
+                  "library_name": "transformers", "tags": ["merge", "metamerge", str(recipe.merge_method)],
+                  "merge_method": str(recipe.merge_method)}
+    results = []
+    for task, metrics in (scores or {}).items():
+        values = [{"type": str(k), "name": str(k), "value": x} for k, v in (metrics or {}).items()
+                  if (x := _number(v)) is not None]
+        if values:
+            results.append({"task": {"type": "text-generation", "name": "text generation"},
+                            "dataset": {"name": str(task), "type": str(task)}, "metrics": values})
+    if results:
+        meta["model-index"] = [{"name": str(recipe.name or "merged"), "results": results}]
+    return meta
+
+
 def render_model_card(recipe, report: MergeReport, inputs, scores: dict | None = None,
                       reproduce: str | None = None) -> str:
-    """Markdown: sources with revisions, method, coefficients, optional scores, reproduce command."""
-    lines = [f"# {recipe.name or 'Merged model'}", "",
+    """Front matter, then Markdown: sources with revisions, method, coefficients, optional scores,
+    the reproduce command."""
+    meta = yaml.safe_dump(front_matter(recipe, inputs, scores), sort_keys=False, allow_unicode=True)
+    lines = ["---", meta.rstrip("\n"), "---", "", f"# {recipe.name or 'Merged model'}", "",
              f"Merged with metamerge, method `{recipe.merge_method}`"
              + (f" (granularity `{report.granularity}`)" if report.granularity else "") + ".", "",
              "## Sources", "", "| role | reference | revision |", "|---|---|---|"]

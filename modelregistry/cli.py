@@ -7,6 +7,10 @@
                                                           exit 1 when the weights are not bit-identical
 each with ``--tracking-uri URI`` (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///./mlruns.db``).
 Also ``python -m modelregistry.cli``. Every failure is one ``error: ...`` line and exit status 2.
+
+A ``sqlite:///`` tracking URI must name an existing database: every command reads a registry that a
+registration made, and MLflow would otherwise create an empty one at a mistyped path and report
+"no such model" from it.
 """
 
 from __future__ import annotations
@@ -24,8 +28,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from metamerge import __version__
+
     parser = _Parser(prog="metamerge-registry", description="model registry commands")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"metamerge-registry {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
+                                help="promote, rollback, audit or reproduce")
+    name_help = "the registered model's name (pipeline.registry.model_name)"
+    version_help = "a version number, or an alias: champion, challenger"
 
     def common(p):
         p.add_argument("--tracking-uri", default=None,
@@ -33,31 +44,38 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = common(sub.add_parser("promote", help="make VERSION the champion (manual override, recorded)"))
-    p.add_argument("name")
-    p.add_argument("version")
-    p.add_argument("--reason", default="")
+    p.add_argument("name", help=name_help)
+    p.add_argument("version", help=version_help)
+    p.add_argument("--reason", default="", help="why (recorded on the version)")
     p = common(sub.add_parser("rollback", help="move the champion back to the previous champion"))
-    p.add_argument("name")
-    p.add_argument("--reason", default="")
+    p.add_argument("name", help=name_help)
+    p.add_argument("--reason", default="", help="why (recorded on the version)")
     p = common(sub.add_parser("audit", help="provenance of a version and verification of its files"))
-    p.add_argument("name")
-    p.add_argument("version")
+    p.add_argument("name", help=name_help)
+    p.add_argument("version", help=version_help)
     p.add_argument("--json", action="store_true", help="print the full audit as JSON")
     p = common(sub.add_parser("reproduce", help="re-run the recorded merge and compare bit for bit"))
-    p.add_argument("name")
-    p.add_argument("version")
-    p.add_argument("out_dir")
+    p.add_argument("name", help=name_help)
+    p.add_argument("version", help=version_help)
+    p.add_argument("out_dir", help="where the reproduced merge goes")
     p.add_argument("--input", action="append", default=[], metavar="REF=PATH",
                    help="where a recorded input lives now (repeatable)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where to merge (default: the device the version was merged on, if available)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
 def _config(args):
-    from .config import RegistryConfig
+    from .config import RegistryConfig, sqlite_path
 
-    return RegistryConfig(tracking_uri=args.tracking_uri) if args.tracking_uri else RegistryConfig()
+    config = RegistryConfig(tracking_uri=args.tracking_uri) if args.tracking_uri else RegistryConfig()
+    db = sqlite_path(config.tracking_uri)
+    if db is not None and not db.is_file():
+        given = "--tracking-uri" if args.tracking_uri else "the default tracking URI"
+        raise MergeError(f"{given} {config.tracking_uri}: no such database {db} (a mistyped path?); "
+                         "registry commands read the store a registration wrote")
+    return config
 
 
 def _resolve_version(client, name: str, version: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,52 +21,35 @@ from .metrics import mlflow_key
 MAX_TAG = 7000
 
 
-def _git_dir(start: Path) -> Path | None:
-    for d in (start, *start.parents):
-        g = d / ".git"
-        if g.is_dir():
-            return g
-        if g.is_file():
-            text = g.read_text(encoding="utf-8", errors="replace").strip()
-            if text.startswith("gitdir:"):
-                p = Path(text[len("gitdir:"):].strip())
-                return p if p.is_absolute() else (d / p).resolve()
-    return None
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def git_state(start: str | Path | None = None) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the repository holding ``start`` (default: the working directory, where
+    ``dvc repro`` and the flows run, then this project), by ``git rev-parse HEAD`` and
+    ``git status --porcelain`` (untracked files count as dirty: they can change a run); ``(None,
+    None)`` without git, a repository or a commit."""
+    starts = [Path(start)] if start else [Path.cwd(), Path(__file__).resolve().parent.parent]
+    for s in starts:
+        if _git(["rev-parse", "--is-inside-work-tree"], s) is None:
+            continue  # not a repository: try the next place
+        head = _git(["rev-parse", "--verify", "-q", "HEAD"], s)
+        status = _git(["status", "--porcelain"], s)
+        return (head.strip() if head else None), (None if status is None else bool(status.strip()))
+    return None, None
 
 
 def git_commit(start: str | Path | None = None) -> str | None:
-    """The commit checked out in the repository holding ``start`` (default: this project, then the
-    working directory), read from ``.git`` files directly (no ``git`` binary needed); ``None`` if
-    there is no repository or no commit yet."""
-    starts = [Path(start)] if start else [Path(__file__).resolve().parent.parent, Path.cwd()]
-    for s in starts:
-        gitdir = _git_dir(s.absolute())
-        if gitdir is None:
-            continue
-        try:
-            head = (gitdir / "HEAD").read_text(encoding="utf-8").strip()
-        except OSError:
-            continue
-        if not head.startswith("ref:"):
-            return head if re.fullmatch(r"[0-9a-f]{40,64}", head) else None
-        ref = head[len("ref:"):].strip()
-        common = gitdir
-        if (gitdir / "commondir").is_file():
-            common = (gitdir / (gitdir / "commondir").read_text(encoding="utf-8").strip()).resolve()
-        for base in (gitdir, common):
-            if (base / ref).is_file():
-                return (base / ref).read_text(encoding="utf-8").strip()
-        packed = common / "packed-refs"
-        if packed.is_file():
-            for line in packed.read_text(encoding="utf-8").splitlines():
-                parts = line.split()
-                if len(parts) == 2 and parts[1] == ref:
-                    return parts[0]
-        return None
-    return None
+    """The commit checked out where ``start`` is (see :func:`git_state`)."""
+    return git_state(start)[0]
 
 
-def _files_digest(files: Mapping[str, str]) -> str:
+def files_digest(files: Mapping[str, str]) -> str:
     """Same construction as ``metamerge.refs.hash_model_dir``: the revision of a local directory."""
     return hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in sorted(files.items())).encode()).hexdigest()
 
@@ -75,8 +58,11 @@ def lineage_tags(lineage: Mapping[str, Any], provenance: Mapping[str, Any], prov
     """Tags for the run and the registered version (see module docstring)."""
     lineage = dict(lineage or {})
     tags: dict[str, str] = {}
-    commit = lineage.pop("git_commit", None) or git_commit()
+    commit, dirty = git_state()
+    if given := lineage.pop("git_commit", None):
+        commit, dirty = given, lineage.pop("git_dirty", None)
     tags["git_commit"] = commit or "unknown"
+    tags["git_dirty"] = "unknown" if dirty is None else str(bool(dirty)).lower()
     dvc_sha = lineage.pop("dvc_lock_sha256", None)
     dvc_lock = lineage.pop("dvc_lock", None)
     if not dvc_sha:
@@ -101,7 +87,7 @@ def lineage_tags(lineage: Mapping[str, Any], provenance: Mapping[str, Any], prov
         tags[p + "source"] = str(item.get("source", ""))
         files = item.get("files") or {}
         if files:
-            tags[p + "files_sha256"] = _files_digest(files)
+            tags[p + "files_sha256"] = files_digest(files)
             text = json.dumps(files, sort_keys=True, separators=(",", ":"))
             if len(text) <= MAX_TAG:  # the full list is always in provenance.json and lineage.json
                 tags[p + "files"] = text

@@ -29,13 +29,20 @@ What one call of :func:`register_merge` records in its run
     metrics  <task>.<metric> for every number in ``scores[task]`` (exact_match, loss, perplexity,
              ...), <task>.normalized_score, <task>.loss_difference, ald, mean_normalized_score,
              other numbers of ``summary``, lambda.<i> / coefficient.<i>, task_vector_norm.<i>
-    tags     git_commit, dvc_lock_sha256, prefect_flow_run_id, recipe_sha256, provenance_sha256,
+    tags     content_sha256 (the merged weights, see :func:`content_sha256`), git_commit, git_dirty,
+             dvc_lock_sha256, prefect_flow_run_id, recipe_sha256, provenance_sha256,
              input.<i>.{role,ref,revision,source,files_sha256,files}, lineage.<other caller keys>
              (the same tags go on the registered version)
     artifacts merge/{merge_recipe.yaml, merge_report.json, provenance.json, README.md,
              model_card.md (with scores), lineage.json}, eval/scores.json, eval/<extra artifacts>
     model    the pyfunc model above, registered as a new version of ``config.model_name`` whose
              description is the model card; then ``promotion.apply_gate``.
+
+No duplicates: a version is keyed by its ``content_sha256`` tag. Registering weights that a version
+of the same registered model already holds (another output path, a rerun, a retry after a crash
+between ``register_model`` and the gate) logs nothing and returns that version, with
+``duplicate=True`` and the decision recorded on it; a changed eval setting therefore never makes a
+second version of unchanged weights.
 """
 
 from __future__ import annotations
@@ -64,15 +71,15 @@ from .artifacts import (
     read_merged_dir,
 )
 from .config import RegistryConfig, use_store
-from .lineage import lineage_tags
+from .lineage import files_digest, lineage_tags
 from .metrics import number, report_params, score_metrics
-from .promotion import PromotionDecision, apply_gate
+from .promotion import CHAMPION, TAG, PromotionDecision, apply_gate
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_NAME_IN_RUN = "model"
 MAX_DESCRIPTION = 5000
 PIP_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors")
-REPRODUCE = "metamerge-registry reproduce NAME VERSION OUT_DIR   # checks inputs and bit-identity"
+REPRODUCE = "metamerge-registry reproduce {name} {version} OUT_DIR --tracking-uri {uri}   # checks inputs, bit-identity"
 
 
 @dataclass
@@ -89,6 +96,7 @@ class RegistrationResult:
     by_reference: bool
     decision: PromotionDecision
     tags: dict[str, str] = field(default_factory=dict)
+    duplicate: bool = False  # the weights were already registered: this is that version
 
     @property
     def promoted(self) -> bool:
@@ -98,8 +106,9 @@ class RegistrationResult:
         return asdict(self)
 
 
-def _model_card(provenance: Mapping[str, Any], report: MergeReport, scores, fallback: str) -> str:
-    """The merge's model card re-rendered with the scores (falls back to the README as merged)."""
+def _model_card(provenance: Mapping[str, Any], report: MergeReport, scores, fallback: str, reproduce: str) -> str:
+    """The merge's model card re-rendered with the scores and the registry's reproduce command
+    (falls back to the README as merged)."""
     try:
         from metamerge.modelcard import render_model_card
 
@@ -108,13 +117,65 @@ def _model_card(provenance: Mapping[str, Any], report: MergeReport, scores, fall
         ins = [SimpleNamespace(ref=i.get("ref"), revision=i.get("revision")) for i in provenance.get("inputs", [])]
         base = next((SimpleNamespace(ref=i.ref, revision=i.revision) for i, d in
                      zip(ins, provenance.get("inputs", [])) if d.get("role") == "base"), None)
-        models = [i for i, d in zip(ins, provenance.get("inputs", [])) if d.get("role") != "base"]
+        models = [i for i, d in zip(ins, provenance.get("inputs", [])) if d.get("role") == "model"]
         table = {t: {k: v for k, v in (m or {}).items() if v is None or number(v) is not None}
                  for t, m in (scores or {}).items()}
         return render_model_card(recipe, report, SimpleNamespace(base=base, models=models), scores=table or None,
-                                 reproduce=REPRODUCE)
+                                 reproduce=reproduce)
     except Exception:  # the card is documentation: never fail a registration over it
         return fallback
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
+
+
+def content_sha256(outputs: Mapping[str, str]) -> str:
+    """The merged weights' identity: sha256 over (name, sha256) of the weight files and config.json.
+
+    Side files (README, report, recipe) are left out on purpose: they name paths and recipe text, so
+    the same weights merged from another folder or an equivalent recipe would otherwise differ.
+    """
+    files = {n: h for n, h in outputs.items() if n.endswith(WEIGHT_SUFFIXES) or n == "config.json"}
+    if not any(n.endswith(".safetensors") for n in files):
+        raise MergeError("provenance.json lists no .safetensors output: not a complete `metamerge merge` output")
+    return files_digest(files)
+
+
+def find_registered(client, model_name: str, content: str):
+    """The oldest version of ``model_name`` tagged with ``content_sha256 == content``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{model_name}' and tags.content_sha256 = '{content}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _existing_result(client, config: RegistryConfig, mv) -> RegistrationResult:
+    """The result of a registration that already happened (its run, its recorded gate decision)."""
+    tags = dict(mv.tags or {})
+    run = client.get_run(mv.run_id)
+    recorded = tags.get(TAG + "decision")
+    if recorded:
+        decision = PromotionDecision(config.model_name, str(mv.version), recorded,
+                                     f"already registered: {tags.get(TAG + 'reason', '')}",
+                                     tags.get(TAG + "previous_champion") or None, _alias(client, config, CHAMPION),
+                                     by=tags.get(TAG + "by", "gate"))
+    else:  # registered, but the gate never ran (a crash in between): run it now
+        decision = apply_gate(config.model_name, mv.version, config, client)
+    return RegistrationResult(config.model_name, str(mv.version), f"models:/{config.model_name}/{mv.version}",
+                              run.info.run_id, run.info.experiment_id, None, run.info.artifact_uri,
+                              tags.get("registered_by_reference") == "true", decision, tags, duplicate=True)
+
+
+def _alias(client, config: RegistryConfig, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(config.model_name, alias).version)
+    except MlflowException:
+        return None
 
 
 def pip_requirements() -> list[str]:
@@ -177,12 +238,17 @@ def register_merge(merged_dir: str | Path, scores: Mapping[str, Mapping[str, Any
             raise MergeError(f"{path} no longer matches its provenance.json (changed: "
                              f"{', '.join(bad['mismatched'] + bad['missing'])}); merge again")
     prov_sha = sha256_file(path / "provenance.json")
+    content = content_sha256(outputs)
+    with use_store(config):
+        client = config.client()
+        if (existing := find_registered(client, config.model_name, content)) is not None:
+            return _existing_result(client, config, existing)
     tags = lineage_tags(lineage or {}, provenance, prov_sha)
+    tags["content_sha256"] = content
     tags["registered_by_reference"] = str(config.register_by_reference).lower()
     params, merge_metrics = report_params(report, provenance)
     metrics = {**merge_metrics, **score_metrics(scores or {}, summary or {})}
     readme = (path / "README.md").read_text(encoding="utf-8")
-    card = _model_card(provenance, report, scores, readme)
     name = run_name or f"merge-{(provenance.get('recipe') or {}).get('name') or report.method}-{tags['recipe_sha256'][:8]}"
 
     with use_store(config), tempfile.TemporaryDirectory(prefix="metamerge-register-") as tmp:
@@ -195,7 +261,6 @@ def register_merge(merged_dir: str | Path, scores: Mapping[str, Mapping[str, Any
             experiment_id = exp.experiment_id
             if exp.lifecycle_stage == "deleted":
                 client.restore_experiment(experiment_id)
-        (tmp / "model_card.md").write_text(card, encoding="utf-8")
         full_lineage = {"tags": tags, "caller": dict(lineage or {}), "inputs": provenance.get("inputs", []),
                         "outputs": outputs, "provenance_sha256": prov_sha}
         (tmp / "lineage.json").write_text(json.dumps(full_lineage, indent=2, sort_keys=True, default=str) + "\n")
@@ -218,7 +283,6 @@ def register_merge(merged_dir: str | Path, scores: Mapping[str, Mapping[str, Any
                 mlflow.log_metrics(metrics)
             for f in SIDE_FILES:
                 mlflow.log_artifact(str(path / f), MERGE_DIR)
-            mlflow.log_artifact(str(tmp / "model_card.md"), MERGE_DIR)
             mlflow.log_artifact(str(tmp / "lineage.json"), MERGE_DIR)
             mlflow.log_artifact(str(tmp / "scores.json"), EVAL_DIR)
             _log_extra(mlflow, extra_artifacts)
@@ -231,6 +295,11 @@ def register_merge(merged_dir: str | Path, scores: Mapping[str, Mapping[str, Any
             mv = mlflow.register_model(info.model_uri, config.model_name, tags=tags)
             run_id = run.info.run_id
             artifact_uri = run.info.artifact_uri
+        # the card names the version that reproduces it: known only now
+        card = _model_card(provenance, report, scores, readme,
+                           REPRODUCE.format(name=config.model_name, version=mv.version, uri=config.tracking_uri))
+        (tmp / "model_card.md").write_text(card, encoding="utf-8")
+        client.log_artifact(run_id, str(tmp / "model_card.md"), MERGE_DIR)
         client.update_model_version(config.model_name, mv.version, description=card[:MAX_DESCRIPTION])
         decision = (apply_gate(config.model_name, mv.version, config, client) if gate else
                     PromotionDecision(config.model_name, str(mv.version), "registered", "gate not run", None, None))

@@ -42,11 +42,14 @@ def register(params: Params, info: dict, summary: dict, log: Log = quiet, *,
     if fn is None:
         log(f"register: {why}; skipped")
         return {"registered": False, "reason": why}
-    log(f"register: {info['model_dir']} as a new version of '{config.model_name}' ({config.tracking_uri})")
+    log(f"register: {info['model_dir']} in '{config.model_name}' ({config.tracking_uri})")
     result = dict(fn(info["model_dir"], summary=summary, config=config, lineage=dict(lineage or {}),
                      extra_artifacts=[str(a) for a in extra_artifacts]))
     decision = result.get("decision") or {}
-    log(f"register: version {result.get('version')}: {decision.get('decision')} ({decision.get('reason', '')})")
+    if result.get("duplicate"):
+        log(f"register: these weights are already version {result.get('version')}; nothing added")
+    else:
+        log(f"register: version {result.get('version')}: {decision.get('decision')} ({decision.get('reason', '')})")
     return {"registered": True, **result}
 
 

@@ -6,12 +6,15 @@ STAGE is one of scenario, validate, download, task-vectors, norms, merge, evalua
 each other small files in DIR (default ``<output_root>/dvc``)::
 
     scenario      -> <data_dir>           the demo's models and eval sets (only with pipeline.scenario)
-    download      -> pins.json            every input reference pinned (revision, path, file hashes)
-    task-vectors  -> task_vectors.json    streamed, or where each materialised tau_t lies
+    download      -> pins.json            every input reference pinned (revision, path, file hashes);
+                                          paths relative to the working directory when inside it
+    task-vectors  -> task_vectors.json    streamed, or where each materialised tau_t lies (not a
+                                          DVC stage: nothing reads it; the flow materialises on request)
     norms         -> norms.json           ||tau_t||^2 per fine-tune and tensor
     merge         -> model/, merge.json, lambdas.csv, lambdas.png, cosine.png
     evaluate      -> eval.json, eval.csv, metrics.json, scores.png
-    register      -> registry.json
+    register      -> registry.json        the version (one per merged weights) and its lineage:
+                                          ``dvc_lock_sha256`` is :func:`upstream_lock_sha256`
 
 Work is stored under content keys in ``<output_root>/.cache`` as in the flow, so a stage that
 reruns because one input changed redoes only what that input touches (one new fine-tune: one norm
@@ -26,11 +29,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from metamerge.atomic import write_text_atomic
 from metamerge.errors import InputError, run_cli
 
 from . import reports, steps
-from .keys import fine_tunes, input_refs, needs_norms
+from .keys import digest, fine_tunes, input_refs, needs_norms
 from .params import Params, load_params
 from .registry_bridge import register
 from .store import read_json
@@ -53,6 +58,29 @@ def _read(path: Path, stage: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError:
         raise InputError(f"{path} is missing: run the '{stage}' stage first (dvc repro runs them in order)") from None
+
+
+def portable_pin(pin: dict) -> dict:
+    """A pin whose path is relative to the working directory (DVC's repository root) when it lies
+    inside it, so ``pins.json`` and the ``dvc.lock`` that hashes it are the same in every checkout."""
+    path = Path(pin["path"])
+    try:
+        return {**pin, "path": path.absolute().relative_to(Path.cwd().absolute()).as_posix()}
+    except ValueError:  # a hub snapshot or a folder elsewhere: only absolute makes sense
+        return pin
+
+
+def upstream_lock_sha256(lock: Path, stage: str = "register") -> str | None:
+    """sha256 of this run's ``dvc.lock`` entries for every stage but ``stage`` (canonical JSON).
+
+    DVC writes each stage's entry when that stage finishes, so while ``register`` runs the entries
+    of the stages before it are this run's, and its own is the previous run's: hashing the file
+    whole would name the previous run. ``None`` outside a DVC repository."""
+    if not lock.is_file():
+        return None
+    data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
+    stages = {k: v for k, v in (data.get("stages") or {}).items() if k != stage}
+    return digest(stages)
 
 
 def build_data(params: Params) -> None:
@@ -83,7 +111,7 @@ def run_stage(stage: str, params: Params, workdir: Path) -> None:
         return
     if stage == "download":
         steps.check_inputs(params)
-        _write(workdir / "pins.json", {ref: steps.pin(ref, _log) for ref in input_refs(params)})
+        _write(workdir / "pins.json", {ref: portable_pin(steps.pin(ref, _log)) for ref in input_refs(params)})
         return
     pins = _read(workdir / "pins.json", "download")
     tunes = fine_tunes(params)
@@ -108,7 +136,8 @@ def run_stage(stage: str, params: Params, workdir: Path) -> None:
         info = steps.merge_info(workdir / "model")
         summary = read_json(workdir / "eval.json") or {}
         files = [workdir / n for n in REPORT_FILES if (workdir / n).is_file()]
-        lineage = {"dvc_lock": "dvc.lock"} if Path("dvc.lock").is_file() else {}
+        lock = upstream_lock_sha256(Path("dvc.lock"))
+        lineage = {"dvc_lock_sha256": lock, "dvc_lock_scope": "stages before register"} if lock else {}
         _write(workdir / "registry.json", register(params, info, summary, _log, lineage=lineage, extra_artifacts=files))
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(stage)

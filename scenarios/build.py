@@ -89,13 +89,6 @@ def _cached(out_dir: Path, params: dict[str, Any]) -> ScenarioManifest | None:
     return manifest if all(p.exists() for p in needed) else None
 
 
-def _umask() -> int:
-    # The only way to read the umask is to set it; put it straight back.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def build_scenario(
     out_dir: str | os.PathLike, *, size: str = "demo", seed: int = 0, progress: bool = True
 ) -> ScenarioManifest:
@@ -117,7 +110,6 @@ def build_scenario(
     # built in a hidden sibling, renamed into place when complete: readers see the old scenario or
     # the new one, never half of one
     with atomic_directory(out_dir, overwrite=True) as tmp:
-        os.chmod(tmp, 0o777 & ~_umask())  # the temporary directory is private (0700); the scenario is not
         with deterministic(SIZES[size].num_threads):
             _build_into(tmp, SIZES[size], size=size, seed=seed, params=params, progress=progress)
     return ScenarioManifest.load(out_dir)

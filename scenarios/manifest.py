@@ -33,7 +33,7 @@ class ScenarioManifest:
     train_sets: dict[str, Path]
     #: ``accuracy[model][task]``: greedy exact-match accuracy, model in {"base", "ft-<task>"}
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
-    build_seconds: float = 0.0
+    build_seconds: float = 0.0  # this build's time, reported by the CLI; not written to scenario.json (a DVC output)
     num_parameters: int = 0
     #: everything that determines the build's output; a cached build is reused only if equal
     params: dict[str, Any] = field(default_factory=dict)
@@ -58,7 +58,6 @@ class ScenarioManifest:
             "eval_sets": {t: rel(p) for t, p in self.eval_sets.items()},
             "train_sets": {t: rel(p) for t, p in self.train_sets.items()},
             "accuracy": self.accuracy,
-            "build_seconds": self.build_seconds,
             "num_parameters": self.num_parameters,
             "params": self.params,
         }

@@ -168,3 +168,30 @@ def test_console_script(tiny_llama_bf16, tmp_path):
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
     assert "unknown merge_method 'nope'" in proc.stderr
     assert_nothing_written(tmp_path / "out2")
+
+
+def test_version_and_help_on_every_argument(capsys):
+    import argparse
+
+    from metamerge import __version__
+    from metamerge.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"metamerge {__version__}"
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for p in (parser, *subs.choices.values()):
+        for action in p._actions:
+            assert action.help, f"{p.prog}: {action.option_strings or action.dest} has no help"
+
+
+def test_mergekit_flags_are_accepted_with_a_note(tiny_llama_fp32, tmp_path, capsys):
+    path = write_recipe(tmp_path / "recipe.yaml", recipe_for(tiny_llama_fp32))
+    assert cli(path, tmp_path / "out", "--copy-tokenizer", "--lazy-unpickle") == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["note: --copy-tokenizer (mergekit): the tokenizer is always copied "
+                   "(recipe tokenizer_source: base by default)",
+                   "note: --lazy-unpickle (mergekit): tensors are always streamed from safetensors; "
+                   "pickles need --allow-pickle"]
+    assert (tmp_path / "out" / "model.safetensors").is_file()

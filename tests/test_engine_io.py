@@ -331,3 +331,21 @@ def test_pickle_checkpoint_with_allow_pickle(tiny_llama_fp32, tmp_path):
     assert sorted(a) == sorted(b)
     for n in a:
         assert torch.equal(a[n], b[n]), n
+
+
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_outputs_follow_the_umask(tiny_llama_fp32, tmp_path, umask, dir_mode, file_mode):
+    """A serving account (another user, the same group) reads the merge as the umask allows: the
+    private temporary directory does not leak its 0700 into the output."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        run_merge(metagpt(tiny_llama_fp32), tmp_path / "out")
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert stat.S_IMODE(out.stat().st_mode) == dir_mode
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {file_mode}, modes

@@ -234,16 +234,43 @@ def test_rollback_then_manual_promote(registered, client, config, capsys):
 
 
 def test_floor_rejects_despite_higher_mean(registered, merged, config, client):
+    from metamerge.engine import MergeOptions, merge
+    from metamerge.recipe import load_recipe
     from modelregistry.register import register_merge
 
+    # other weights than the three registered (the same weights would find their version)
+    recipe = merged["worse"].parent / "worse.yaml"
+    text = recipe.read_text().replace("weight: 0.3", "weight: 0.4").replace("name: worse", "name: floor")
+    (merged["worse"].parent / "floor.yaml").write_text(text)
+    out = merged["worse"].parent / "floor"
+    merge(load_recipe(merged["worse"].parent / "floor.yaml"), out, MergeOptions(progress=False), recipe_text=text)
     strict = config.model_copy(update={"floor": 0.5})
     scores, summary = _scores(0.99, {"arith": 1.6, "qa": 0.38})
-    res = register_merge(merged["better"], scores, summary, {"git_commit": "0" * 40}, strict)
+    res = register_merge(out, scores, summary, {"git_commit": "0" * 40}, strict)
     assert res.decision.decision == "rejected" and res.decision.below_floor == {"qa": pytest.approx(0.38)}
     tags = _tags(client, res.version)
     assert "below the floor 0.5: qa=0.38" in tags["promotion.reason"]
     assert tags["git_commit"] == "0" * 40
     assert _champion(client) == "3"
+
+
+def test_the_same_weights_register_once_from_any_path(registered, merged, config, client, tmp_path):
+    from modelregistry.register import register_merge
+
+    before = {v.version for v in client.search_model_versions(f"name = '{NAME}'")}
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(merged["first"], copy)
+    (copy / "README.md").write_text("another card, same weights\n")  # side files do not count
+    prov = json.loads((copy / "provenance.json").read_text())
+    prov["outputs"]["README.md"] = __import__("metamerge.refs").refs.sha256_file(copy / "README.md")
+    (copy / "provenance.json").write_text(json.dumps(prov))
+    scores, summary = _scores(0.99, {"arith": 0.99, "qa": 0.99})
+    res = register_merge(copy, scores, summary, {}, config)  # a rerun, a retry, another folder
+    first = registered["first"]
+    assert res.duplicate and res.version == first.version and res.run_id == first.run_id
+    assert res.tags["content_sha256"] == first.tags["content_sha256"]
+    assert {v.version for v in client.search_model_versions(f"name = '{NAME}'")} == before
+    assert not first.duplicate
 
 
 def test_pipeline_entry_point_takes_the_evaluate_summary(merged, config, client):
@@ -422,18 +449,29 @@ def test_score_metrics_accept_evaluate_summary_names():
                  "mean_normalized_score": 0.75, "ald": 0.2}
 
 
-def test_git_commit_reads_refs_without_git(tmp_path):
-    from modelregistry.lineage import git_commit
+def test_git_state_names_the_commit_and_uncommitted_changes(tmp_path):
+    import subprocess
 
-    g = tmp_path / "repo" / ".git"
-    (g / "refs" / "heads").mkdir(parents=True)
-    (g / "HEAD").write_text("ref: refs/heads/main\n")
-    (g / "packed-refs").write_text("# pack-refs with: peeled\n" + "a" * 40 + " refs/heads/main\n")
-    (tmp_path / "repo" / "sub").mkdir()
-    assert git_commit(tmp_path / "repo" / "sub") == "a" * 40
-    (g / "refs" / "heads" / "main").write_text("b" * 40 + "\n")
-    assert git_commit(tmp_path / "repo") == "b" * 40
-    assert git_commit(tmp_path) is None
+    from modelregistry.lineage import git_state
+
+    repo = tmp_path / "repo"
+    (repo / "sub").mkdir(parents=True)
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin"}
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    (repo / "a.txt").write_text("a\n")
+    assert git_state(repo / "sub") == (None, True)  # a repository without a commit: not another's
+    git("add", "a.txt")
+    git("commit", "-q", "-m", "a")
+    head = git("rev-parse", "HEAD").strip()
+    assert git_state(repo / "sub") == (head, False)
+    (repo / "a.txt").write_text("b\n")
+    assert git_state(repo) == (head, True)
+    assert git_state(tmp_path) == (None, None)
 
 
 def test_config_defaults(tmp_path, monkeypatch):
@@ -448,3 +486,41 @@ def test_config_defaults(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     c = RegistryConfig()
     assert c.tracking_uri == "http://mlflow.internal:5000" and c.artifact_location is None
+
+
+def test_model_card_has_hugging_face_front_matter_scores_and_the_real_reproduce_command(registered, merged, client):
+    from huggingface_hub import ModelCard
+
+    first = registered["first"]
+    card = ModelCard(client.get_model_version(NAME, first.version).description)
+    data = card.data.to_dict()
+    prov = json.loads((merged["first"] / "provenance.json").read_text())
+    refs = [i["ref"] for i in prov["inputs"] if i["role"] in ("base", "model")]
+    assert data["base_model"] == refs and data["base_model_relation"] == "merge"
+    assert data["merge_method"] == "metagpt" and {"merge", "metamerge", "metagpt"} <= set(data["tags"])
+    results = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results[("arith", "normalized_score")] == pytest.approx(0.80)
+    assert results[("wiki", "loss")] == pytest.approx(3.1) and ("wiki", "exact_match") not in results
+    assert f"metamerge-registry reproduce {NAME} {first.version} OUT_DIR --tracking-uri sqlite:///" in card.text
+    # the card the merge wrote parses too (no scores yet: no model-index)
+    plain = ModelCard((merged["first"] / "README.md").read_text()).data.to_dict()
+    assert plain["base_model"] == refs and "model-index" not in plain
+
+
+def test_registry_commands_refuse_a_tracking_uri_without_a_database(registered, config, tmp_path, capsys):
+    import argparse
+
+    from modelregistry.cli import build_parser
+    from modelregistry.cli import main as registry_main
+
+    typo = tmp_path / "mlrun.db"
+    assert registry_main(["audit", NAME, "1", "--tracking-uri", f"sqlite:///{typo}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --tracking-uri sqlite:///{typo}: no such database") and "\n" not in err
+    assert not typo.exists() and not (tmp_path / "mlartifacts").exists()  # nothing created
+    assert registry_main(["audit", NAME, "1", "--tracking-uri", config.tracking_uri]) == 0
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for p in (parser, *subs.choices.values()):
+        for action in p._actions:
+            assert action.help, f"{p.prog}: {action.option_strings or action.dest} has no help"

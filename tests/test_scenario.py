@@ -159,7 +159,7 @@ def test_each_tiny_finetune_beats_the_base_on_its_own_task(tiny):
     assert set(acc) == {"base", *(f"ft-{t}" for t in SKILL_NAMES)}
     for task in SKILL_NAMES:
         assert acc[f"ft-{task}"][task] > acc["base"][task], (task, acc)
-    assert data["size"] == "tiny" and data["seed"] == 0 and data["build_seconds"] > 0
+    assert data["size"] == "tiny" and data["seed"] == 0 and "build_seconds" not in data  # no time in a DVC output
 
 
 def test_rebuild_with_same_parameters_is_a_cache_hit(tiny):

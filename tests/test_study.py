@@ -36,7 +36,7 @@ def test_every_study_recipe_is_valid_and_the_comparison_is_complete():
     methods = {r["merge_method"] for r in recipes.values()}
     assert methods == {"metagpt", "task_arithmetic", "ties", "dare_ties", "linear", "dare_linear", "breadcrumbs",
                        "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl", "multislerp",
-                       "karcher"}
+                       "karcher", "model_stock"}
     sparsified = {r.get("parameters", {}).get("sparsify") for r in recipes.values() if r["merge_method"] == "metagpt"}
     assert sparsified == {None, "dare", "ties", "breadcrumbs", "della"}
     assert recipes["task_arithmetic_0.3"]["parameters"]["lambda"] == 0.3

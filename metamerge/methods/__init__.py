@@ -1,11 +1,15 @@
 """Merge methods, registered by name. Importing this package registers them all."""
 
 from . import (  # noqa: F401  (registration side effect: one module per method)
+    arcee_fusion,
     karcher,
     linear,
     metagpt,
+    model_stock,
     multislerp,
+    nearswap,
     nuslerp,
+    passthrough,
     ram,
     sce,
     slerp,

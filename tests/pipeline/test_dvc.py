@@ -1,10 +1,13 @@
-"""dvc.yaml in a temporary git repository: the stages run, a second repro does nothing, and the
-merged model round-trips through a local remote."""
+"""dvc.yaml in a temporary git repository: the stages run, a second repro does nothing, the merged
+model round-trips through a local remote, an eval-only change reruns evaluation only and registers
+nothing new, dvc.lock is the same from another checkout, and metrics/plots diff across commits."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,14 +54,17 @@ def test_dvc_repro_then_nothing_then_push_pull(tiny_models, tmp_path):
     shutil.copytree(tiny_models["base"].parent, data)
     # relative references, as a user writes them: the stages run in the repository root
     rel = {k: Path("data") / Path(v).relative_to(tiny_models["base"].parent) for k, v in tiny_models.items()}
-    params = params_for(rel, Path("."), data_dir="data")
+    params = params_for(rel, Path("."), data_dir="data", scenario=None, max_shard_size="5GB",
+                        registry={"tracking_uri": "sqlite:///registry/mlflow.db", "model_name": "tiny-dvc"})
+    (repo / ".gitignore").write_text("/registry/\n")
     params["pipeline"]["output_root"] = "outputs"
     rel = {k: str(v) for k, v in rel.items()}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     out = sh([DVC, "repro"], repo)
-    for stage in ("download", "task_vectors", "norms", "merge", "evaluate", "register"):
+    for stage in ("download", "norms", "merge", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out, out
+    assert "Loading weights" not in out and "it/s]" not in out, out  # no third-party bars in stage logs
     work = repo / "outputs" / "dvc"
     model = work / "model"
     assert (model / "model.safetensors").is_file() and (work / "metrics.json").is_file()
@@ -69,6 +75,44 @@ def test_dvc_repro_then_nothing_then_push_pull(tiny_models, tmp_path):
     again = sh([DVC, "repro"], repo)
     assert "Running stage" not in again and "didn't change" in again, again
     assert "up to date" in sh([DVC, "status"], repo)
+    registry = json.loads((work / "registry.json").read_text())
+    assert registry["version"] == "1" and not registry["duplicate"]
+    lock = (repo / "dvc.lock").read_text()
+    assert str(tmp_path) not in lock and str(tmp_path) not in (work / "pins.json").read_text()
+    # the version records this run's lock (every stage before register) and the commit's state
+    from mlflow import MlflowClient
+
+    from pipeline.keys import digest
+
+    client = MlflowClient(f"sqlite:///{repo / 'registry' / 'mlflow.db'}")
+    tags = client.get_model_version("tiny-dvc", "1").tags
+    upstream = {k: v for k, v in yaml.safe_load(lock)["stages"].items() if k != "register"}
+    assert tags["dvc_lock_sha256"] == digest(upstream)
+    assert tags["git_dirty"] == "true" and tags["git_commit"] == "unknown"  # nothing committed yet
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-q", "-m", "first"], repo)
+
+    # the same project in another folder: the same lock, nothing to redo
+    other = tmp_path / "other"
+    shutil.copytree(repo, other, symlinks=True)
+    assert "up to date" in sh([DVC, "status"], other)
+
+    # an eval-only change: evaluate reruns (register too if the scores moved), the merge does not,
+    # and no version is added
+    params["pipeline"]["eval"]["batch_size"] = 3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh([DVC, "repro"], repo)
+    ran = set(re.findall(r"Running stage '(\w+)'", out))
+    assert "evaluate" in ran and ran <= {"evaluate", "register"}, out
+    assert json.loads((work / "registry.json").read_text())["version"] == "1"
+    assert len(client.search_model_versions("name = 'tiny-dvc'")) == 1
+    diff = sh([DVC, "metrics", "diff", "HEAD", "--all"], repo)
+    assert "metrics.json" in diff and "average_loss_difference" in diff, diff
+    sh([DVC, "plots", "diff", "HEAD", "-o", str(tmp_path / "plots")], repo)
+    assert (tmp_path / "plots" / "index.html").is_file()
+    sh([DVC, "params", "diff", "HEAD"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-q", "-m", "eval batch size"], repo)
 
     before = tree_hash(model)
     sh([DVC, "push"], repo)

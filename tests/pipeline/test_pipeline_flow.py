@@ -54,6 +54,32 @@ def test_first_run_writes_the_merge_and_its_reports(first_run, tiny_models):
     assert result["registered"]["registered"] is False  # no registry in these params
 
 
+def test_prefect_cli_lists_the_task_runs(first_run, prefect_server):
+    """Task-run names carry no rich markup: ``prefect task-run ls`` prints them and exits 0."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "COLUMNS": "250"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "prefect"), "task-run", "ls", "--limit", "50"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "compute_norms-ft-a" in proc.stdout and "download-base" in proc.stdout, proc.stdout
+    assert "[" not in "".join(line for line in proc.stdout.splitlines() if "compute_norms" in line)
+
+
+def test_runs_sharing_params_share_one_concurrency_slot(first_run, tiny_models, tmp_path):
+    """The nightly deployment and the watcher read the same params: their merges take turns on one
+    global concurrency limit (limit 1), released when the run ends; other params, another limit."""
+    from prefect.client.orchestration import get_client
+
+    from flows.merge_flow import params_limit_name
+    from pipeline.params import load_params
+
+    params, _, _ = first_run
+    name = params_limit_name(load_params(params))
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(name)
+    assert limit.limit == 1 and limit.active_slots == 0 and limit.active
+    assert params_limit_name(load_params(params_for(tiny_models, tmp_path))) != name
+
+
 def test_flow_output_is_bit_for_bit_the_engines(first_run, tmp_path):
     from metamerge.engine import MergeOptions, merge
     from metamerge.recipe import parse_recipe

@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from metamerge.errors import MergeError
-from pipeline_helpers import params_for
 from pipeline.params import load_params
+
+from pipeline_helpers import params_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,6 +115,23 @@ def test_task_vectors_are_base_free_deltas_when_materialised(tiny_models, tmp_pa
 
 
 @pytest.mark.parametrize("module", ["flows.merge_flow", "flows.watch_flow"])
+def test_bad_params_fail_before_any_prefect_server_starts(module, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "prefect-home"
+    (tmp_path / "p.yaml").write_text("recipe: {merge_method: task_arithmetic, base_model: ./nowhere, "
+                                     "models: [{model: ./nowhere-a}, {model: ./nowhere-b}]}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-m", module, str(tmp_path / "p.yaml")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and "nowhere" in proc.stderr, proc.stderr
+    assert not list(home.rglob("*.db")), "a Prefect server (its database) was started"
+
+
+@pytest.mark.parametrize("module", ["flows.merge_flow", "flows.watch_flow"])
 def test_flow_command_lines_report_usage_and_errors_in_one_line(module, tmp_path, capsys, prefect_server):
     import importlib
 
@@ -157,3 +175,23 @@ def test_scenario_stage_without_a_scenario_needs_the_data_dir(tmp_path, capsys):
     (tmp_path / "p.yaml").write_text(recipe + "pipeline: {scenario: {size: huge}}\n")
     assert main(["scenario", str(tmp_path / "p.yaml")]) == 2
     assert "pipeline.scenario.size" in capsys.readouterr().err
+
+
+def test_deployments_are_checked_before_deploying(tiny_models, tmp_path, capsys):
+    """prefect.yaml's deployments: refused in one line when their inputs are missing (the demo's
+    before `make demo`), listed as ready when they are there."""
+    from flows.deployments import main
+
+    deployment = {"name": "watcher", "entrypoint": "flows/watch_flow.py:watch_flow",
+                  "parameters": {"recipe": str(tmp_path / "demo.yaml")}}
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump({"deployments": [deployment]}))
+    params = params_for(tiny_models, tmp_path)
+    params["pipeline"]["eval_sets"]["add"] = str(tmp_path / "not-built" / "add.jsonl")
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(params))
+    assert main([str(tmp_path / "prefect.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'prefect.yaml'}: deployment 'watcher' would fail on every run: ")
+    assert "not-built" in err and err.endswith("(build the demo's models and eval sets first: make demo)")
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(params_for(tiny_models, tmp_path)))
+    assert main([str(tmp_path / "prefect.yaml")]) == 0
+    assert capsys.readouterr().out.strip() == f"watcher: {tmp_path / 'demo.yaml'} ready"
