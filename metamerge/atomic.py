@@ -4,6 +4,11 @@ Everything is written into a hidden temporary sibling of the target and renamed 
 end, so an interrupted run leaves no half-written directory and never clobbers an existing one
 unless asked to.
 
+One writer per target: :func:`out_lock` holds an exclusive ``flock`` on ``.<name>.lock`` beside it
+(the kernel drops it when the process dies, so a killed merge never leaves a stale lock). Under
+that lock, any ``.<name>.tmp-*``/``.<name>.old-*`` sibling belongs to a dead process and is removed.
+The final rename refuses to replace a directory that appeared meanwhile unless ``overwrite``.
+
 Permissions follow the user's umask, as a plain ``open``/``mkdir`` would: the temporary names come
 from ``tempfile``, which makes them private (0700 directories, 0600 files) so that no one reads a
 half-written output; once renamed into place they would stay private, and a serving account in the
@@ -13,13 +18,88 @@ same group could not read the merged model. They are set to ``0o777``/``0o666`` 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from .errors import MergeError
+
+_HELD: set[Path] = set()
+
+
+@contextlib.contextmanager
+def out_lock(target: str | os.PathLike, *, wait: bool = False) -> Iterator[Path]:
+    """Hold the one-writer lock of ``target`` (fail at once when another process holds it, or
+    ``wait`` for it); remove the staging that dead writers left. Re-entrant within a process."""
+    target = Path(target).absolute()
+    if target in _HELD:
+        yield target
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.parent / f".{target.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise MergeError(f"{target}: another merge (pid {holder}) is writing this output now; wait for it "
+                             "to finish, choose another output directory, or pass --wait") from None
+        try:  # the previous holder may have removed the lock file while we waited: lock the new one
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _remove_stale(target)
+        _HELD.add(target)
+        yield target
+    finally:
+        _HELD.discard(target)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _remove_stale(target: Path) -> None:
+    """Staging of ``target`` left by writers that died (SIGKILL, power loss): only called under the
+    lock, so no live process owns it."""
+    for p in target.parent.glob(f".{target.name}.*-*"):
+        if p.is_dir() and p.name.split(".")[-1].startswith(("tmp-", "old-")) and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+_RENAME_NOREPLACE = 1
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """``rename`` that fails with FileExistsError when ``dst`` exists (Linux ``renameat2``), so a
+    directory created by someone else after our check is never silently replaced."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        if renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), str(dst))
+    if dst.exists() or dst.is_symlink():
+        raise FileExistsError(errno.EEXIST, "File exists", str(dst))
+    os.rename(src, dst)
 
 
 def current_umask() -> int:
@@ -35,18 +115,31 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     target = Path(target).absolute()
     if target.exists() and not overwrite:
         raise MergeError(f"{target} already exists; choose another output directory or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with out_lock(target):
+        with _staging(target, overwrite) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
+        if target.exists() and not overwrite:
+            raise MergeError(f"{target} appeared while this merge ran; it was left as it is (pass --overwrite "
+                             "to replace it)")
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "x")
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, target)
+            try:
+                _rename_noreplace(tmp, target)
+            except FileExistsError:
+                raise MergeError(f"{target} appeared while this merge ran; it was left as it is (pass "
+                                 "--overwrite to replace it)") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

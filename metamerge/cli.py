@@ -35,7 +35,7 @@ def _merge(args) -> int:
 
     recipe = load_recipe(args.recipe)
     options = MergeOptions(device=args.device, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
-                           max_shard_size=args.max_shard_size, progress=not args.no_progress)
+                           max_shard_size=args.max_shard_size, progress=not args.no_progress, wait=args.wait)
     with open(args.recipe, encoding="utf-8") as fh:
         text = fh.read()
     result = merge(recipe, args.out_dir, options, recipe_text=text, dry_run=args.dry_run)
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where tensors are merged (default auto: cuda when there is one)")
     m.add_argument("--dry-run", action="store_true", help="validate and plan; read no tensor, write nothing")
     m.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (atomically)")
+    m.add_argument("--wait", action="store_true", help="if another merge is writing OUT_DIR, wait for it "
+                   "(default: fail at once)")
     m.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt checkpoints (pickle can run code)")
     m.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 2GB or 500MB (default 5GB)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

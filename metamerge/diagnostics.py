@@ -11,15 +11,17 @@ import math
 
 import torch
 
+from .reduce import det_dot
+
 
 def gram(taus: list[torch.Tensor]) -> list[list[float]]:
-    """Pairwise dot products <tau_i, tau_j> (float32 products, float64 results)."""
+    """Pairwise dot products <tau_i, tau_j> in float64, the same on any thread count."""
     flat = [t.reshape(-1) for t in taus]
     n = len(flat)
     g = [[0.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i, n):
-            g[i][j] = g[j][i] = float(torch.dot(flat[i], flat[j]))
+            g[i][j] = g[j][i] = det_dot(flat[i], flat[j])
     return g
 
 

@@ -18,12 +18,13 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .atomic import atomic_directory
+from .atomic import atomic_directory, out_lock
 from .checks import Plan, TensorSource, plan_merge
 from .device import resolve_device
 from .diagnostics import Diagnostics, gram
 from .errors import MergeError
 from .io import ModelReader, ShardedWriter, parse_size
+from .io.untrusted import own_file
 from .loading import DTYPES, Workspace, load_compute, name_nonfinite
 from .methods import TensorJob, get_method
 from .methods.base import MergeMethod, MergeOutput
@@ -50,6 +51,7 @@ class MergeOptions:
     max_shard_size: str | int = "5GB"
     progress: bool = True
     hash_inputs: bool = True
+    wait: bool = False  # another merge writing the same OUT: wait for it instead of failing at once
 
 
 @dataclass
@@ -208,8 +210,35 @@ def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | No
 
     # Local inputs are hashed on a thread while the merge runs (sha256 releases the GIL).
     pinned = [inputs.base, *inputs.models, inputs.tokenizer] + ([inputs.donor[0]] if inputs.donor else [])
-    with BackgroundHashes(pinned if options.hash_inputs else []) as hashes:
-        return _merge_into(recipe, out_dir, options, inputs, device, stats, recipe_text, log, hashes)
+    _refuse_out_over_input(out_dir, [m for m in pinned if m is not None])
+    with out_lock(out_dir, wait=options.wait):  # one writer per OUT, from here to the final rename
+        if Path(out_dir).exists() and not options.overwrite:  # finished by the writer we waited for
+            raise MergeError(f"{Path(out_dir).absolute()} already exists; choose another output directory "
+                             "or pass --overwrite")
+        with BackgroundHashes(pinned if options.hash_inputs else []) as hashes:
+            return _merge_into(recipe, out_dir, options, inputs, device, stats, recipe_text, log, hashes)
+
+
+def _check_free_space(out_dir: Path, need: int) -> None:
+    """Fail before writing when the weights cannot fit: a full disk mid-merge wastes the whole run."""
+    where = out_dir.absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise MergeError(f"{out_dir.absolute()}: the merged weights need {need / 1e9:.2f} GB but only "
+                         f"{free / 1e9:.2f} GB are free there; free space or choose another output directory")
+
+
+def _refuse_out_over_input(out_dir, models) -> None:
+    """OUT may not be, contain or lie inside an input: --overwrite would delete the model being read."""
+    out = Path(out_dir).absolute().resolve()
+    for m in models:
+        p = Path(m.path).absolute().resolve()
+        how = "is" if out == p else "contains" if out in p.parents else "lies inside" if p in out.parents else None
+        if how:
+            raise MergeError(f"{Path(out_dir).absolute()}: the output directory {how} the input '{m.ref}' ({p}); "
+                             "choose an output directory outside every input")
 
 
 def _merge_into(recipe: Recipe, out_dir, options: MergeOptions, inputs: Inputs, device: torch.device,
@@ -223,11 +252,12 @@ def _merge_into(recipe: Recipe, out_dir, options: MergeOptions, inputs: Inputs, 
         if missing:
             for i, st in zip(missing, compute_statistics(inputs, missing, device, options.progress)):
                 stats[method.entries[i].model] = st
-        # summed in float64, in the plan's fixed tensor order
-        model_stats = [float(sum(stats[e.model][n] for n in plan.names if n not in plan.aliases))
+        # summed exactly (fsum): the same whatever order the tensors' statistics arrived in
+        model_stats = [math.fsum(stats[e.model][n] for n in plan.names if n not in plan.aliases)
                        for e in method.entries]
 
     diag = Diagnostics(labels)
+    _check_free_space(Path(out_dir), plan.total_bytes)
     with atomic_directory(out_dir, overwrite=options.overwrite) as tmp:
         writer = ShardedWriter(tmp, [(n, plan.out_shapes[n], plan.out_dtypes[n]) for n in plan.names],
                                parse_size(options.max_shard_size))
@@ -334,11 +364,11 @@ def _write_side_files(tmp: Path, recipe: Recipe, inputs: Inputs, report: MergeRe
         config.update(inputs.plan.config_updates)  # slices: the output's layer count
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     gen = ref.path / "generation_config.json"
-    if gen.exists():
+    if own_file(ref.path, gen):  # side files: only the folder's own regular files (no link to a secret)
         shutil.copyfile(gen, tmp / gen.name)
     for pattern in TOKENIZER_GLOBS:
         for f in sorted(inputs.tokenizer.path.glob(pattern)):
-            if f.is_file():
+            if own_file(inputs.tokenizer.path, f):
                 shutil.copyfile(f, tmp / f.name)
     (tmp / RECIPE_FILE).write_text(recipe_text if recipe_text is not None else recipe.to_yaml())
     (tmp / REPORT).write_text(report.to_json())
@@ -365,4 +395,19 @@ def _provenance(tmp: Path, recipe: Recipe, inputs: Inputs, shard_hashes: dict[st
         "versions": {"metamerge": __version__, "torch": torch.__version__.split("+")[0],
                      "safetensors": safetensors.__version__},
         "device": device.type,
+        # What can still change the bytes is the device kind and the library versions above; the
+        # thread and core counts are recorded to show they were different and did not matter.
+        "environment": _environment(device),
     }
+
+
+def _environment(device) -> dict:
+    import os
+    import platform
+
+    env = {"python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "thread_count_changes_bytes": False}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env

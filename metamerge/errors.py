@@ -8,8 +8,12 @@ a retry policy retries ``TransientSourceError`` and nothing else of this family.
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
 from collections.abc import Callable
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 class MergeError(Exception):
@@ -31,11 +35,42 @@ class TransientSourceError(MergeError):
     """A model source failed in a way that may pass (network down, hub 5xx/429, timeout): retry."""
 
 
+class Stopped(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so every ``finally`` removes its staging."""
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+def disk_error(exc: OSError, path) -> MergeError:
+    """ENOSPC / EFBIG / EDQUOT while writing ``path`` as one line naming the path and the fix."""
+    return MergeError(f"{path}: {exc.strerror or exc} while writing; free space on that filesystem (or raise the "
+                      "file-size limit, ulimit -f), or choose another output directory")
+
+
 def run_cli(command: Callable[[], int | None]) -> int:
     """Run a command-line ``command`` and return its exit status; a ``MergeError`` becomes one
-    ``error: ...`` line on stderr and status 2. Every command line of the project goes through this."""
+    ``error: ...`` line on stderr and status 2. Every command line of the project goes through this.
+
+    SIGTERM and SIGINT stop the command with one line (status 143 / 130); the staging of an
+    unfinished output is removed on the way out. SIGXFSZ is ignored so that a write past the
+    file-size limit is an EFBIG error naming the file, not a silent kill.
+    """
+    signal.signal(signal.SIGTERM, _stop)
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return int(command() or 0)
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Stopped) as exc:
+        name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        print(f"error: stopped by {name}; nothing was written (the unfinished output was removed)", file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 143
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        print(f"error: {disk_error(exc, exc.filename or 'the output')}", file=sys.stderr)
         return 2

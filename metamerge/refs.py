@@ -11,11 +11,13 @@ import hashlib
 import importlib
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError, TransientSourceError
+from .io.untrusted import own_file
 
 # Files a merge needs from a model repository; nothing else is downloaded.
 ALLOW_PATTERNS = [
@@ -25,6 +27,7 @@ ALLOW_PATTERNS = [
 ]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 HASH_CHUNK = 8 << 20
+_LOCAL_REV = re.compile(r"[0-9a-f]{7,64}")
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ def sha256_file(path: Path) -> str:
 
 def model_files(path: Path) -> list[Path]:
     """The files of a model directory that define it (weights, configs, tokenizer), sorted."""
-    out = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    out = [p for p in path.iterdir() if own_file(path, p) and not p.name.startswith(".")]
     return sorted(out, key=lambda p: p.name)
 
 
@@ -95,6 +98,10 @@ def resolve(text: str, *, hash_files: bool = True, token: str | None = None) -> 
         path = Path(ref.name).expanduser().absolute()
         if not path.is_dir():
             raise InputError(f"model '{text}': no such directory {path}; check the path in the recipe")
+        if ref.revision and not _LOCAL_REV.fullmatch(ref.revision):
+            # a 1-character prefix matches 1 in 16 folders: it pins nothing
+            raise InputError(f"model '{text}': a local @revision must be at least 7 lowercase hex characters "
+                             f"of the folder's content hash (got '{ref.revision}'); copy it from provenance.json")
         digest, files = hash_model_dir(path) if hash_files else ("unhashed", {})
         if ref.revision and hash_files and not digest.startswith(ref.revision):
             raise InputError(
@@ -109,7 +116,23 @@ def retryable_status(status: int) -> bool:
     return status >= 500 or status in (408, 429)
 
 
+HUB_ATTEMPTS = 3        # a hub outage (network down, 5xx, 429) is retried this many times in all
+HUB_BACKOFF_S = 2.0     # seconds before the 2nd attempt, doubling after each failure
+
+
 def _resolve_hub(ref: ModelRef, text: str, *, hash_files: bool, token: str | None) -> ResolvedModel:
+    """``_resolve_hub_once`` with retries and exponential backoff on transient hub failures."""
+    for attempt in range(1, HUB_ATTEMPTS + 1):
+        try:
+            return _resolve_hub_once(ref, text, hash_files=hash_files, token=token)
+        except TransientSourceError as exc:
+            if attempt == HUB_ATTEMPTS:
+                raise TransientSourceError(f"{exc} (after {attempt} attempts)") from exc
+            time.sleep(HUB_BACKOFF_S * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def _resolve_hub_once(ref: ModelRef, text: str, *, hash_files: bool, token: str | None) -> ResolvedModel:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)

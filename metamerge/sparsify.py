@@ -14,10 +14,15 @@ import hashlib
 
 import torch
 
+from .reduce import l1
+
 
 def rescale_l1(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Scale the kept entries so the L1 norm of the task vector is unchanged (mergekit's rescale)."""
-    before, after = tau.abs().sum(), kept.abs().sum()
+    """Scale the kept entries so the L1 norm of the task vector is unchanged (mergekit's rescale).
+
+    The two L1 norms are taken in an order fixed whatever the thread count (:mod:`metamerge.reduce`),
+    so the factor, and with it every byte, is the same on any machine."""
+    before, after = l1(tau), l1(kept)
     if before < 1e-7 or after < 1e-7:
         return kept
     return kept * (before / after)

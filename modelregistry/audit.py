@@ -320,9 +320,21 @@ def reproduce(name: str, version, out_dir: str | Path, config: RegistryConfig | 
         files[fname] = {"recorded": outputs.get(fname), "reproduced": produced.get(fname),
                         "identical": outputs.get(fname) is not None and outputs.get(fname) == produced.get(fname)}
     weights = {f: v for f, v in files.items() if f.endswith(WEIGHT_SUFFIXES)}
+    identical = bool(weights) and all(v["identical"] for v in weights.values())
+    tensors: list[dict[str, Any]] = []
+    cause = None
+    if not identical:
+        from .compare import likely_cause, tensor_differences
+
+        try:
+            tensors = tensor_differences(model_files_dir(name, str(mv.version), config), out_dir)
+        except (OSError, MergeError, RuntimeError) as exc:  # the registered files are not readable here
+            notes.append(f"could not compare tensors with the registered files ({exc})")
+        cause = likely_cause(notes, tensors)
     return {
         "name": name, "version": str(mv.version), "out_dir": str(Path(out_dir).absolute()),
-        "identical": bool(weights) and all(v["identical"] for v in weights.values()),
+        "identical": identical,
+        "differing_tensors": tensors, "likely_cause": cause,
         "all_files_identical": all(v["identical"] for v in files.values()),
         "weights": sorted(weights),
         "differing": sorted(f for f, v in files.items() if not v["identical"]),

@@ -125,6 +125,10 @@ def _run(args) -> int:
                   f"({len(res['weights'])} weight files)")
             for f in res["differing"]:
                 print(f"  differs: {f}")
+            for t in res["differing_tensors"]:
+                print(f"  tensor differs: {t['tensor']} (max abs diff {t['max_abs_diff']})")
+            if res["likely_cause"]:
+                print(f"  likely cause: {res['likely_cause']}")
             for note in res["notes"]:
                 print(f"  note: {note}")
         return 0 if res["identical"] else 1

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import MergeError
 from ..shapes import nbytes, numel
+from .untrusted import checked_file, own_file
 
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -62,6 +63,7 @@ def _read_header(path: Path, label: str) -> tuple[dict, int]:
         raise MergeError(f"{label}: {path.name} is not a valid safetensors file (the header is not a JSON "
                          "object); re-download or re-save the model")
     data_len = size - 8 - n
+    spans = []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
@@ -77,6 +79,16 @@ def _read_header(path: Path, label: str) -> tuple[dict, int]:
         if end - start != nbytes(meta["shape"], ST_DTYPES[meta["dtype"]]):
             raise MergeError(f"{label}: {path.name} is not a valid safetensors file (tensor '{name}' spans "
                              f"{end - start} bytes, not the size of its shape and dtype); re-download or re-save the model")
+        spans.append((start, end, name))
+    # safetensors' own rule: the byte ranges, in offset order, follow each other from 0 with no
+    # overlap and no hole, so no byte is read as two tensors (or as none)
+    at, prev = 0, None
+    for start, end, name in sorted(spans):
+        if start != at:
+            why = f"overlaps '{prev}'" if start < at else f"leaves a hole after '{prev}'" if prev else "does not start at 0"
+            raise MergeError(f"{label}: {path.name} is not a valid safetensors file (the bytes of tensor '{name}' "
+                             f"{why}); re-download or re-save the model")
+        at, prev = end, name
     return header, 8 + n
 
 
@@ -111,17 +123,17 @@ class ModelReader:
         files = sorted(self.path.glob("*.safetensors"))
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                data = json.loads(checked_file(self.path, index.name, self.label, "the folder").read_text())
+                weight_map = data["weight_map"] if isinstance(data, dict) else None
                 if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                     raise ValueError("weight_map must map tensor names to shard file names")
-            except (ValueError, KeyError, TypeError) as exc:
-                raise MergeError(f"{self.label}: {index.name} is not a valid index ({exc})") from None
-            shard_names = sorted(set(weight_map.values()))
-            missing = [s for s in shard_names if not (self.path / s).exists()]
-            if missing:
-                raise MergeError(f"{self.label}: shard {missing[0]} named in {index.name} is missing; "
-                                 "re-download the model")
-            files = [self.path / s for s in shard_names]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                reason = "no weight_map" if isinstance(exc, KeyError) else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise MergeError(f"{self.label}: {index.name} is not a valid index ({reason}); "
+                                 "re-download the model") from None
+            files = [checked_file(self.path, s, self.label, index.name, "shard") for s in sorted(set(weight_map.values()))]
+        else:
+            files = [checked_file(self.path, f.name, self.label, "the folder") for f in files]
         if not files:
             self._index_pickle()
             return
@@ -134,7 +146,7 @@ class ModelReader:
                                                 data_start + meta["data_offsets"][0])
 
     def _index_pickle(self) -> None:
-        pickles = sorted(p for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        pickles = sorted(p for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES and own_file(self.path, p))
         if not pickles:
             raise MergeError(f"{self.label}: no *.safetensors weights in {self.path}")
         if not self.allow_pickle:
@@ -189,6 +201,7 @@ class ModelReader:
         cfg = self.path / "config.json"
         if not cfg.exists():
             return {}
+        checked_file(self.path, cfg.name, self.label, "the folder")
         try:
             return json.loads(cfg.read_text())
         except ValueError as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MergeError
+from ..errors import DISK_ERRNOS, MergeError, disk_error
 from ..shapes import nbytes
 
 ST_NAMES = {
@@ -93,12 +93,23 @@ class ShardedWriter:
         self._emit(struct.pack("<Q", len(raw)) + raw)
 
     def _emit(self, data) -> None:
-        self._fh.write(data)
+        try:
+            self._fh.write(data)
+        except OSError as exc:  # ENOSPC, EFBIG (file-size limit), EDQUOT: one line naming the file
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            raise disk_error(exc, self.out_dir / self._current.filename) from None
         self._hash.update(data)
 
     def _finish_file(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()  # flushes the buffer: the last write can fail here
+            except OSError as exc:
+                self._fh = None
+                if exc.errno not in DISK_ERRNOS:
+                    raise
+                raise disk_error(exc, self.out_dir / self._current.filename) from None
             self.hashes[self._current.filename] = self._hash.hexdigest()
             self._fh = None
 
@@ -134,5 +145,8 @@ class ShardedWriter:
 
     def abort(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()  # the staging is removed anyway; a failed flush here is not news
+            except OSError:
+                pass
             self._fh = None

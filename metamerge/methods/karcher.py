@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..reduce import dot, norm
 from .base import MergeMethod, MergeOutput, Param, TensorJob, register
 
 
@@ -26,7 +27,8 @@ def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int
     if len(tensors) == 1:
         return tensors[0]
     dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    norms = [torch.linalg.vector_norm(x.to(dtype)) for x in tensors]
+    # whole-tensor norms and dots in an order fixed whatever the thread count (metamerge.reduce)
+    norms = [norm(x, dtype) for x in tensors]
     units = [torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(x.dtype) for x, n in zip(tensors, norms)]
     keep = [i for i, n in enumerate(norms) if n.item() > tol]
     if not keep:
@@ -38,22 +40,22 @@ def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int
     mean = torch.zeros_like(u[0])
     for ai, ui in zip(a, u):
         mean += ai * ui
-    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
+    mean_norm = norm(mean, dtype)
     mean = u[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
 
     for _ in range(max_iter):
         step = torch.zeros_like(mean)
         for ai, ui in zip(a, u):
-            cos = torch.clamp(torch.dot(mean.flatten(), ui.flatten()), -1.0, 1.0)
+            cos = torch.clamp(dot(mean, ui), -1.0, 1.0)
             theta = torch.arccos(cos)
             if theta.item() < tol:
                 continue
             step += ai * (theta / torch.sin(theta)) * (ui - cos * mean)
-        step_norm = torch.linalg.vector_norm(step.to(dtype))
+        step_norm = norm(step, dtype)
         if step_norm.item() < tol:
             break
         mean = (torch.cos(step_norm) * mean + torch.sin(step_norm) * (step / step_norm)).to(mean.dtype)
-        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
+        unit_norm = norm(mean, dtype)
         if unit_norm.item() > tol:
             mean = (mean / unit_norm).to(mean.dtype)
 

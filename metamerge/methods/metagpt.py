@@ -15,11 +15,13 @@ place the MetaGPT coefficient is computed.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from .. import sparsify as sp
+from ..reduce import det_sqnorm
 from .base import MergeMethod, MergeOutput, Param, TensorJob, register
 from .params import leaves
 from .sparsifiers import DENSITY, SPARSIFIERS
@@ -27,22 +29,15 @@ from .sparsifiers import DENSITY, SPARSIFIERS
 
 def metagpt_lambdas(sqnorms: list[float]) -> list[float]:
     """The MetaGPT coefficients from squared task-vector norms; all zero when nothing changed."""
-    total = float(sum(sqnorms))
+    total = math.fsum(sqnorms)  # exact: the same whatever order the norms were gathered in
     if total == 0.0:
         return [0.0] * len(sqnorms)
     return [float(s) / total for s in sqnorms]
 
 
-def squared_norm(t: torch.Tensor, chunk: int = 1 << 20) -> float:
-    """||t||^2: float32 (or wider) dot products per chunk, summed in float64.
-
-    Chunking bounds the float32 accumulation error to a million terms while keeping the fast
-    vectorised dot; no float64 copy of the tensor is made.
-    """
-    flat = t.reshape(-1)
-    if not flat.dtype.is_floating_point or flat.element_size() < 4:
-        flat = flat.float()
-    return float(sum(float(torch.dot(part, part)) for part in flat.split(chunk)))
+def squared_norm(t: torch.Tensor) -> float:
+    """||t||^2 in float64, summed in a fixed order so lambda is the same on any thread count."""
+    return det_sqnorm(t)
 
 
 # MetaGPT's `sparsify:` values -> rows of the sparsifier table. DARE rescales by 1/density (the

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MergeError
+from ..reduce import norm
 from .base import MergeMethod, MergeOutput, Param, TensorJob, register
 
 
@@ -33,7 +34,8 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], base: torch.Te
     norms = torch.norm(flat, dim=-1, keepdim=True)
     units = flat / (norms + eps)
     mean = (units * w.view(-1, 1)).sum(0)
-    mean_norm = torch.norm(mean)
+    # whole-vector norms in float64, in a fixed order (row norms above are one thread per row)
+    mean_norm = norm(mean)
     if mean_norm < eps:
         if x.shape[0] != 2:
             raise MergeError(f"multislerp: the weighted mean direction of tensor '{name}' is zero (antipodal "
@@ -43,7 +45,7 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], base: torch.Te
     mean = mean / mean_norm
     tangents = units - (units * mean).sum(-1, keepdim=True) * mean
     tangent = (tangents * w.view(-1, 1)).sum(0)
-    tangent_norm = torch.norm(tangent) + eps
+    tangent_norm = norm(tangent) + eps
     out = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
     out = (out * (norms.squeeze(-1) * w).sum()).view(x.shape[1:])
     return out + base if base is not None else out

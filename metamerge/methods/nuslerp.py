@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MergeError
+from ..reduce import GRAIN, dot, norm
 from .base import MergeMethod, MergeOutput, Param, TensorJob, register
 
 
@@ -29,10 +30,18 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, eps: fl
     elif dim != -1:
         v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
 
+    # one large flat vector: its norm and dot in an order fixed whatever the thread count
+    whole = v0.dim() == 1 and v0.numel() >= GRAIN
+
     def unit(x: torch.Tensor) -> torch.Tensor:
+        if whole:
+            return x / norm(x).clamp(min=1e-7).reshape(1)
         return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
 
-    cos_theta = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    if whole:
+        cos_theta = dot(unit(v0), unit(v1)).reshape(1).clamp(-1, 1)
+    else:
+        cos_theta = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
     parallel = (1 - cos_theta.square()) <= eps**2
     theta = torch.acos(torch.where(parallel, 0, cos_theta))
     out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)

@@ -64,10 +64,12 @@ def test_squared_norm_across_the_chunk_boundary(dtype, n):
     assert squared_norm(t) == pytest.approx(_reference(t), rel=1e-4)
 
 
-def test_squared_norm_counts_every_chunk_once():
-    t = torch.arange(1.0, 11.0)  # 1^2 + ... + 10^2 = 385, exact in float32
-    for chunk in (1, 3, 7, 10, 11, 1 << 20):
-        assert squared_norm(t, chunk=chunk) == 385.0
+@pytest.mark.parametrize("n", [10, 4096, 4099, 3 * 4096 + 1, (1 << 20) + 5])
+def test_squared_norm_counts_every_block_once(n):
+    # small integers: the sum of squares is exact in float64, so a dropped or doubled block (of 4096)
+    # or chunk (of 2**20) shows
+    values = [i % 7 + 1 for i in range(n)]
+    assert squared_norm(torch.tensor(values, dtype=torch.float32)) == sum(v * v for v in values)
 
 
 def test_squared_norm_half_precision_does_not_overflow():
