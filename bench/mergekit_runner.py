@@ -50,8 +50,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Union
 
 try:  # POSIX only; on other systems the install is simply not locked.
     import fcntl
@@ -103,7 +104,7 @@ def _bin(venv: Path, name: str) -> Path:
     return venv / ("Scripts" if os.name == "nt" else "bin") / name
 
 
-def find_mergekit(venv: Optional[PathLike] = None) -> Optional[str]:
+def find_mergekit(venv: PathLike | None = None) -> str | None:
     """Path of ``mergekit-yaml``: in ``venv`` (default ``.venv-mergekit``), else on PATH, else None."""
     candidate = _bin(Path(venv) if venv is not None else DEFAULT_VENV, "mergekit-yaml")
     if candidate.is_file() and os.access(candidate, os.X_OK):
@@ -131,7 +132,7 @@ def _run_checked(cmd: Sequence[str], env: Mapping[str, str]) -> None:
 def ensure_mergekit_venv(
     path: PathLike = DEFAULT_VENV,
     *,
-    python: Optional[str] = None,
+    python: str | None = None,
     torch_spec: str = TORCH_SPEC,
     mergekit_spec: str = MERGEKIT_SPEC,
     lean: bool = False,
@@ -195,7 +196,7 @@ def ensure_mergekit_venv(
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def mergekit_env(extra: Optional[Mapping[str, str]] = None) -> dict:
+def mergekit_env(extra: Mapping[str, str] | None = None) -> dict:
     """Environment for a quiet, offline, CPU-only mergekit run."""
     env = dict(os.environ)
     env.update(
@@ -220,11 +221,11 @@ def run_mergekit(
     out_dir: PathLike,
     extra_args: Iterable[str] = (),
     *,
-    mergekit_yaml: Optional[str] = None,
-    seed: Optional[int] = DEFAULT_SEED,
-    cwd: Optional[PathLike] = None,
-    timeout: Optional[float] = None,
-    env: Optional[Mapping[str, str]] = None,
+    mergekit_yaml: str | None = None,
+    seed: int | None = DEFAULT_SEED,
+    cwd: PathLike | None = None,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``mergekit-yaml RECIPE OUT_DIR`` on CPU; raise MergekitError with its stderr on failure.
 

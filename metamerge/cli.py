@@ -13,7 +13,6 @@ import warnings
 
 from .errors import run_cli
 
-
 # mergekit-yaml flags that change nothing here, accepted so that a mergekit command line runs as is:
 # what each means in metamerge, said once on stderr.
 MERGEKIT_FLAGS = {

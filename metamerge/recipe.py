@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -31,7 +31,7 @@ UNSUPPORTED_KEYS = {
 }
 
 # A parameter value: a number (or bool), a gradient list, or mergekit's {filter, value} (one or a list).
-ParamValue = Union[float, int, bool, str, list, dict]
+ParamValue = float | int | bool | str | list | dict
 
 
 def _model_ref(v: str) -> str:

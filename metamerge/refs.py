@@ -38,7 +38,7 @@ class ModelRef:
     revision: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "ModelRef":
+    def parse(cls, text: str) -> ModelRef:
         name, _, rev = text.partition("@")
         return cls(name=name, revision=rev or None)
 
@@ -134,8 +134,14 @@ def _resolve_hub(ref: ModelRef, text: str, *, hash_files: bool, token: str | Non
 
 def _resolve_hub_once(ref: ModelRef, text: str, *, hash_files: bool, token: str | None) -> ResolvedModel:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     transient: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, *transport_errors())
     try:
@@ -207,7 +213,7 @@ class BackgroundHashes:
         for model, job in self._jobs:
             model.revision, model.files = job.result()
 
-    def __enter__(self) -> "BackgroundHashes":
+    def __enter__(self) -> BackgroundHashes:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -69,12 +69,12 @@ class MergeReport:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MergeReport":
+    def from_dict(cls, data: dict[str, Any]) -> MergeReport:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
-    def load(cls, path: str | Path) -> "MergeReport":
+    def load(cls, path: str | Path) -> MergeReport:
         """Read the report of a merged model directory (or a report file given directly)."""
         path = Path(path)
         if path.is_dir():

@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from metamerge.errors import MergeError
 from metamerge.refs import sha256_file
 from metamerge.shapes import nbytes
 
-from .config import RegistryConfig, use_store
-from .promotion import TAG
 from .artifacts import MERGE_DIR, MERGED_ARTIFACT, _local_path, check_files, model_files_dir
+from .config import RegistryConfig, use_store
 from .lineage import git_commit
+from .promotion import TAG
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 MERGE_METRIC_PREFIXES = ("lambda.", "coefficient.", "task_vector_norm.")

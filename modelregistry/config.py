@@ -65,7 +65,7 @@ class RegistryConfig(BaseModel):
     max_new_tokens: int = Field(default=32, ge=1)
 
     @model_validator(mode="after")
-    def _locations(self) -> "RegistryConfig":
+    def _locations(self) -> RegistryConfig:
         db = sqlite_path(self.tracking_uri)
         if db is not None:
             # normalise a relative sqlite path so every process sees the same database

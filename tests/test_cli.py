@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from metamerge.cli import main
+
 from models import assert_nothing_written, load_state, pickled, run_merge, write_recipe
 
 

@@ -10,6 +10,7 @@ import torch
 
 from metamerge.errors import MergeError
 from metamerge.io.writer import ShardedWriter
+
 from models import assert_nothing_written, derive, load_state, pickled, run_merge
 
 

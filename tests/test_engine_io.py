@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from metamerge.recipe import load_recipe, parse_recipe
+
 from models import build_tokenizer, derive, load_state, pickled, run_merge
 
 
@@ -155,7 +156,7 @@ def test_report_contents(tiny_llama_fp32, tmp_path):
     base = load_state(fam.base)
     assert sorted(report["tensors"]) == sorted(base)
     n = len(fam.refs)
-    for name, entry in report["tensors"].items():
+    for entry in report["tensors"].values():
         assert len(entry["norms"]) == n and len(entry["coefficients"]) == n
         assert len(entry["cosine"]) == n and all(len(row) == n for row in entry["cosine"])
     assert len(report["model"]["cosine"]) == n

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from metamerge.sparsify import seed_for
+
 from models import layer_of, load_state, run_merge
 
 FAMILIES = ["tiny_llama_fp32", "tiny_llama_bf16", "tiny_gpt2_tied", "tiny_llama_tied_head"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import run_merge
 from test_engine_methods import (
     assert_merged,
     family_states,
@@ -29,6 +28,8 @@ from metamerge.errors import MergeError
 from metamerge.methods import get_method
 from metamerge.recipe import parse_recipe
 from metamerge.sparsify import seed_for
+
+from models import run_merge
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from models import layer_of, load_state, run_merge
 
 from metamerge.errors import MergeError
 from metamerge.methods.karcher import karcher_mean
@@ -16,6 +15,8 @@ from metamerge.methods.multislerp import multislerp
 from metamerge.methods.nuslerp import nuslerp
 from metamerge.methods.slerp import slerp
 from metamerge.recipe import parse_recipe
+
+from models import layer_of, load_state, run_merge
 
 
 def slerp64(t: float, v0: torch.Tensor, v1: torch.Tensor, threshold: float | None = 0.9995) -> torch.Tensor:

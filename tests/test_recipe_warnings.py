@@ -8,6 +8,7 @@ import pytest
 from metamerge.errors import MergeError
 from metamerge.methods.base import RecipeWarning
 from metamerge.recipe import parse_recipe
+
 from models import write_recipe
 
 

@@ -125,7 +125,7 @@ def test_tiny_models_reload_with_auto_classes(tiny):
     from scenarios.data import read_jsonl
     from scenarios.training import greedy_accuracy
 
-    for name, path in tiny.models.items():
+    for path in tiny.models.values():
         model = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         assert model.config.tie_word_embeddings is False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from io import FileIO
 from pathlib import Path
 
 import torch
@@ -98,7 +99,7 @@ def _valid_entry(meta) -> bool:
         return False
     shape, offsets = meta.get("shape"), meta.get("data_offsets")
     return (isinstance(meta.get("dtype"), str) and _counts(shape) and _counts(offsets)
-            and len(offsets) == 2 and offsets[0] <= offsets[1])
+            and len(offsets) == 2 and offsets[0] <= offsets[1])  # type: ignore[arg-type,index]
 
 
 def _counts(xs) -> bool:
@@ -113,7 +114,7 @@ class ModelReader:
         self.label = label or str(path)
         self.allow_pickle = allow_pickle
         self.tensors: dict[str, TensorInfo] = {}
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, FileIO] = {}
         self._pickled: dict[str, dict] = {}
         self._index()
 

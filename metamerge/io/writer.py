@@ -14,6 +14,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
@@ -59,8 +60,8 @@ class ShardedWriter:
         self.shards = self._plan(plan, max_shard_size)
         self.hashes: dict[str, str] = {}
         self._next = 0
-        self._fh = None
-        self._hash = None
+        self._fh: BinaryIO | None = None
+        self._hash: Any = None  # a hashlib sha256 object while a shard is open
         self._shard_of = {n: s for s in self.shards for n in s.names}
 
     @staticmethod
@@ -94,6 +95,7 @@ class ShardedWriter:
 
     def _emit(self, data) -> None:
         try:
+            assert self._fh is not None
             self._fh.write(data)
         except OSError as exc:  # ENOSPC, EFBIG (file-size limit), EDQUOT: one line naming the file
             if exc.errno not in DISK_ERRNOS:
@@ -125,7 +127,7 @@ class ShardedWriter:
         if self._fh is None or self._current is not shard:
             self._open(shard)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._emit(memoryview(data))
+        self._emit(memoryview(data))  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
         self._next += 1
 
     def close(self) -> dict[str, str]:

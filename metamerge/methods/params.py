@@ -9,8 +9,9 @@ wherever a parameter is read.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import MergeError
 from ..layers import layer_index

@@ -8,8 +8,9 @@ reads beyond ``density`` and how it applies. Random rows draw from a generator t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

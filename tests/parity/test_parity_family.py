@@ -4,7 +4,6 @@ architectures, float32 compute."""
 from __future__ import annotations
 
 import pytest
-
 from parity_helpers import assert_same_tensors, recipe_for, run_both
 
 CASES = {

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
 from pipeline_helpers import build_models
 
 _HOME = Path(tempfile.mkdtemp(prefix="metamerge-prefect-home-"))

@@ -15,11 +15,12 @@ import sys
 import textwrap
 
 import pytest
-from pipeline_helpers import params_for
 
 from metamerge.errors import MergeError
 from pipeline import reports, steps
 from pipeline.params import load_params
+
+from pipeline_helpers import params_for
 
 STAND_IN = textwrap.dedent('''
     import json, os
