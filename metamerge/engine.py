@@ -25,7 +25,7 @@ from .diagnostics import Diagnostics, gram
 from .errors import MergeError
 from .io import ModelReader, ShardedWriter, parse_size
 from .io.untrusted import own_file
-from .loading import DTYPES, Workspace, load_compute, name_nonfinite
+from .loading import DTYPES, Workspace, load_compute, name_nonfinite, open_reader
 from .methods import TensorJob, get_method
 from .methods.base import MergeMethod, MergeOutput
 from .modelcard import render_model_card
@@ -123,8 +123,8 @@ def open_inputs(recipe: Recipe, options: MergeOptions,
         return _open_slices(recipe, options, pin, method_cls)
     base = pin(recipe.base_model) if recipe.base_model and method_cls.uses_base(recipe) else None
     models = [pin(e.model) for e in method_cls.input_entries(recipe)]
-    base_reader = ModelReader(base.path, f"base '{base.ref}'", allow_pickle=options.allow_pickle) if base else None
-    readers = [ModelReader(m.path, f"model '{m.ref}'", allow_pickle=options.allow_pickle) for m in models]
+    base_reader = open_reader(base, f"base '{base.ref}'", allow_pickle=options.allow_pickle) if base else None
+    readers = [open_reader(m, f"model '{m.ref}'", allow_pickle=options.allow_pickle) for m in models]
     ref_reader = base_reader or readers[0]
     method = method_cls(recipe, num_layers=_num_layers(ref_reader.config()))
     cast = DTYPES[recipe.dtype] if recipe.dtype else None
@@ -153,7 +153,7 @@ def _open_slices(recipe: Recipe, options: MergeOptions, pin, method_cls) -> Inpu
     tokenizer come from the base model, else the first slice's first source (mergekit's donor)."""
     refs = recipe.referenced_models()
     pinned = {ref: pin(ref) for ref in refs}
-    pool = {ref: ModelReader(m.path, f"model '{ref}'", allow_pickle=options.allow_pickle) for ref, m in pinned.items()}
+    pool = {ref: open_reader(m, f"model '{ref}'", allow_pickle=options.allow_pickle) for ref, m in pinned.items()}
     donor = recipe.base_model or slices_of(recipe)[0].sources[0].model
     cast = DTYPES[recipe.dtype] if recipe.dtype else None
     plan, labels = plan_slices(recipe, method_cls, pool, donor, cast_dtype=cast,

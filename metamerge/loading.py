@@ -13,9 +13,17 @@ import torch
 from . import shapes
 from .errors import MergeError
 from .io import ModelReader
+from .refs import ResolvedModel
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
+
+
+def open_reader(model: ResolvedModel, label: str, *, allow_pickle: bool = False) -> ModelReader:
+    """The one way an input model is opened for reading: the engine, the statistic pass and every
+    worker of a scaled-out merge call this with the pinned model (a small, picklable value), so an
+    input kind added here (e.g. an adapter over a base) works in all of them."""
+    return ModelReader(model.path, label, allow_pickle=allow_pickle)
 
 
 def compute_dtype(cast_dtype: torch.dtype | None) -> torch.dtype:
