@@ -34,9 +34,10 @@ _HELD: set[Path] = set()
 
 
 @contextlib.contextmanager
-def out_lock(target: str | os.PathLike, *, wait: bool = False) -> Iterator[Path]:
+def out_lock(target: str | os.PathLike, *, wait: bool = False, keep: str | None = None) -> Iterator[Path]:
     """Hold the one-writer lock of ``target`` (fail at once when another process holds it, or
-    ``wait`` for it); remove the staging that dead writers left. Re-entrant within a process."""
+    ``wait`` for it); remove the staging that dead writers left, except the sibling named ``keep``
+    (a resumable merge's staging of the same plan). Re-entrant within a process."""
     target = Path(target).absolute()
     if target in _HELD:
         yield target
@@ -62,7 +63,7 @@ def out_lock(target: str | os.PathLike, *, wait: bool = False) -> Iterator[Path]
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        _remove_stale(target)
+        _remove_stale(target, keep)
         _HELD.add(target)
         yield target
     finally:
@@ -72,11 +73,14 @@ def out_lock(target: str | os.PathLike, *, wait: bool = False) -> Iterator[Path]
         os.close(fd)
 
 
-def _remove_stale(target: Path) -> None:
+def _remove_stale(target: Path, keep: str | None = None) -> None:
     """Staging of ``target`` left by writers that died (SIGKILL, power loss): only called under the
-    lock, so no live process owns it."""
+    lock, so no live process owns it. A resumable staging (``stage-``) of another plan (another
+    recipe, changed inputs) can never be reused, so it goes too; ``keep`` is the current plan's."""
     for p in target.parent.glob(f".{target.name}.*-*"):
-        if p.is_dir() and p.name.split(".")[-1].startswith(("tmp-", "old-")) and not p.is_symlink():
+        if p.name == keep:
+            continue
+        if p.is_dir() and p.name.split(".")[-1].startswith(("tmp-", "old-", "stage-")) and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -126,23 +130,29 @@ def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
-        if target.exists() and not overwrite:
-            raise MergeError(f"{target} appeared while this merge ran; it was left as it is (pass --overwrite "
-                             "to replace it)")
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                _rename_noreplace(tmp, target)
-            except FileExistsError:
-                raise MergeError(f"{target} appeared while this merge ran; it was left as it is (pass "
-                                 "--overwrite to replace it)") from None
+        publish(tmp, target, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Rename the finished directory ``tmp`` to ``target`` in one step (replacing an existing
+    ``target`` only when ``overwrite``; never one that appeared meanwhile otherwise)."""
+    if target.exists() and not overwrite:
+        raise MergeError(f"{target} appeared while this merge ran; it was left as it is (pass --overwrite "
+                         "to replace it)")
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "x")
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        try:
+            _rename_noreplace(tmp, target)
+        except FileExistsError:
+            raise MergeError(f"{target} appeared while this merge ran; it was left as it is (pass "
+                             "--overwrite to replace it)") from None
 
 
 @contextlib.contextmanager

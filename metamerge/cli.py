@@ -24,6 +24,7 @@ MERGEKIT_FLAGS = {
 
 def _merge(args) -> int:
     from .engine import MergeOptions, merge
+    from .executors import ExecutorConfig
     from .recipe import load_recipe
 
     for flag in MERGEKIT_FLAGS:
@@ -33,8 +34,11 @@ def _merge(args) -> int:
         args.device = "cuda"
 
     recipe = load_recipe(args.recipe)
+    executor = ExecutorConfig(kind="dask" if args.dask else "local", n_workers=args.workers, address=args.dask,
+                              threads_per_worker=args.threads_per_worker)
     options = MergeOptions(device=args.device, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
-                           max_shard_size=args.max_shard_size, progress=not args.no_progress, wait=args.wait)
+                           max_shard_size=args.max_shard_size, progress=not args.no_progress, wait=args.wait,
+                           executor=executor, use_cache=not args.no_cache)
     with open(args.recipe, encoding="utf-8") as fh:
         text = fh.read()
     result = merge(recipe, args.out_dir, options, recipe_text=text, dry_run=args.dry_run)
@@ -77,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt checkpoints (pickle can run code)")
     m.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 2GB or 500MB (default 5GB)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    m.add_argument("--workers", "-j", type=int, default=None, metavar="N",
+                   help="merge on N local worker processes (default: the number of cores; 1 = this process)")
+    m.add_argument("--dask", metavar="ADDRESS", default=None,
+                   help="run the units on a running Dask cluster, e.g. tcp://10.0.0.5:8786 (inputs and OUT_DIR "
+                   "on storage every worker sees)")
+    m.add_argument("--threads-per-worker", type=int, default=None, metavar="T",
+                   help="torch threads per worker (default: cores / workers); the bytes do not depend on it")
+    m.add_argument("--no-cache", action="store_true", help="neither read nor write METAMERGE_CACHE_DIR "
+                   "(input file hashes, norms per fine-tune)")
     for flag, meaning in MERGEKIT_FLAGS.items():
         m.add_argument(flag, action="store_true", help=f"accepted for mergekit compatibility: {meaning}")
     m.set_defaults(func=_merge)

@@ -9,35 +9,40 @@ that is renamed into place only when everything, report and provenance included,
 from __future__ import annotations
 
 import json
-import math
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .atomic import atomic_directory, out_lock
+from . import __version__, cache, staging
+from .atomic import out_lock, publish
 from .checks import Plan, TensorSource, plan_merge
 from .device import resolve_device
-from .diagnostics import Diagnostics, gram
+from .diagnostics import Diagnostics
 from .errors import MergeError
-from .io import ModelReader, ShardedWriter, parse_size
+from .executors import ExecutorConfig, WorkerLost, run_units
+from .io import ModelReader, parse_size
 from .io.untrusted import own_file
-from .loading import DTYPES, Workspace, load_compute, name_nonfinite, open_reader
-from .methods import TensorJob, get_method
-from .methods.base import MergeMethod, MergeOutput
+from .io.writer import index_text, shard_layout, shard_prefix
+from .loading import DTYPES, open_reader
+from .methods import get_method
+from .methods.base import MergeMethod
 from .modelcard import render_model_card
 from .norms import task_vector_statistics
 from .progress import progress_bar
 from .recipe import Recipe
-from .refs import BackgroundHashes, ModelRef, ResolvedModel, resolve, sha256_file
+from .refs import BackgroundHashes, ModelRef, ResolvedModel, model_files, resolve, sha256_file
 from .report import REPORT_FILE, MergeReport
 from .slices import plan_slices, slices_of
+from .units import MergeSpec, MergeUnit, NormUnit, run_merge_unit, run_norm_unit, statistic_total
 
 TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "added_tokens.json",
                    "chat_template*")
+UNIT_BYTES = 256 << 20  # a merge unit: enough work to hide its overhead, small enough to spread
+NORM_UNIT_BYTES = 512 << 20  # a norm unit: this many bytes of the base (and as many per fine-tune)
 REPORT = REPORT_FILE
 PROVENANCE = "provenance.json"
 RECIPE_FILE = "merge_recipe.yaml"
@@ -52,6 +57,9 @@ class MergeOptions:
     progress: bool = True
     hash_inputs: bool = True
     wait: bool = False  # another merge writing the same OUT: wait for it instead of failing at once
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)  # where units run
+    unit_bytes: int = UNIT_BYTES  # output bytes per merge unit (part of the plan, not of the workers)
+    use_cache: bool = True        # METAMERGE_CACHE_DIR: file hashes and per-fine-tune statistics
 
 
 @dataclass
@@ -85,6 +93,7 @@ class Inputs:
     cast_dtype: torch.dtype | None
     pool: list[ModelReader] = field(default_factory=list)
     donor: tuple[ResolvedModel, ModelReader] | None = None
+    resolved: dict[str, ResolvedModel] = field(default_factory=dict)  # every reference, pinned
 
     def __post_init__(self):
         if not self.pool:
@@ -120,7 +129,9 @@ def open_inputs(recipe: Recipe, options: MergeOptions,
 
     method_cls = get_method(recipe.merge_method)
     if recipe.slices:
-        return _open_slices(recipe, options, pin, method_cls)
+        inputs = _open_slices(recipe, options, pin, method_cls)
+        inputs.resolved = resolved
+        return inputs
     base = pin(recipe.base_model) if recipe.base_model and method_cls.uses_base(recipe) else None
     models = [pin(e.model) for e in method_cls.input_entries(recipe)]
     base_reader = open_reader(base, f"base '{base.ref}'", allow_pickle=options.allow_pickle) if base else None
@@ -137,7 +148,7 @@ def open_inputs(recipe: Recipe, options: MergeOptions,
     if plan.extend_from is not None and tokenizer is not models[plan.extend_from]:
         raise MergeError(f"vocab_policy: extend takes the extra rows from '{models[plan.extend_from].ref}'; "
                          "set tokenizer_source to that model so the tokenizer matches")
-    return Inputs(method, base, models, tokenizer, readers, base_reader, plan, cast)
+    return Inputs(method, base, models, tokenizer, readers, base_reader, plan, cast, resolved=resolved)
 
 
 def _tokenizer(recipe: Recipe, default: ResolvedModel, pin) -> ResolvedModel:
@@ -176,15 +187,19 @@ def _num_layers(config: dict) -> int | None:
 def compute_statistics(inputs: Inputs, indices: list[int], device: torch.device,
                        progress: bool = True) -> list[dict[str, float]]:
     """The method's statistic pass for the entries ``indices`` (MetaGPT: squared norms of each
-    sparsified task vector), per tensor, one dict per entry (the unit the pipeline caches)."""
-    names = [n for n in inputs.plan.names if n not in inputs.plan.aliases]
+    sparsified task vector), per tensor, one dict per entry, in this process."""
+    names = _statistic_names(inputs)
     assert inputs.base_reader is not None, "a model statistic is of task vectors: the method needs a base"
     total = sum(inputs.base_reader.tensors[n].nbytes for n in names) * (1 + len(indices))
     with _bar(total, inputs.method.model_statistic or "statistics", progress) as bar:
         return task_vector_statistics(inputs.method, indices, inputs.base_reader,
-                                   [inputs.readers[i] for i in indices], names,
-                                   device=device, cast_dtype=inputs.cast_dtype,
-                                   shared_rows=inputs.plan.shared_rows, progress=bar.update)
+                                      [inputs.readers[i] for i in indices], names,
+                                      device=device, cast_dtype=inputs.cast_dtype,
+                                      shared_rows=inputs.plan.shared_rows, progress=bar.update)
+
+
+def _statistic_names(inputs: Inputs) -> list[str]:
+    return [n for n in inputs.plan.names if n not in inputs.plan.aliases]
 
 
 def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | None = None, *,
@@ -192,11 +207,11 @@ def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | No
           resolved: dict[str, ResolvedModel] | None = None,
           recipe_text: str | None = None, dry_run: bool = False,
           log: Callable[[str], None] | None = None) -> MergeResult:
-    """Merge the models of ``recipe`` into ``out_dir`` (atomically).
+    """Merge the models of ``recipe`` into ``out_dir`` (atomically, resumably).
 
     ``stats`` (reference -> tensor -> the method's statistic, e.g. MetaGPT's ||tau||^2) and
-    ``resolved`` (reference -> pinned model) let the pipeline pass in what it has cached; anything
-    missing is computed here.
+    ``resolved`` (reference -> pinned model) let a caller pass in what it has; anything missing is
+    taken from the cache (:mod:`metamerge.cache`) or computed here, by ``options.executor``.
     """
     options = options or MergeOptions()
     device = resolve_device(options.device)
@@ -208,15 +223,40 @@ def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | No
     if dry_run or out_dir is None:
         return MergeResult(None, plan)
 
-    # Local inputs are hashed on a thread while the merge runs (sha256 releases the GIL).
+    out = Path(out_dir).absolute()
     pinned = [inputs.base, *inputs.models, inputs.tokenizer] + ([inputs.donor[0]] if inputs.donor else [])
-    _refuse_out_over_input(out_dir, [m for m in pinned if m is not None])
-    with out_lock(out_dir, wait=options.wait):  # one writer per OUT, from here to the final rename
-        if Path(out_dir).exists() and not options.overwrite:  # finished by the writer we waited for
-            raise MergeError(f"{Path(out_dir).absolute()} already exists; choose another output directory "
-                             "or pass --overwrite")
+    _refuse_out_over_input(out, [m for m in pinned if m is not None])
+    import uuid
+
+    spec = MergeSpec(key=plan_key(recipe, inputs, options, device), run=uuid.uuid4().hex, recipe=recipe, resolved=dict(inputs.resolved),
+                     device=device.type, allow_pickle=options.allow_pickle)
+    stage = staging.staging_dir(out, spec.key)
+    with out_lock(out, wait=options.wait, keep=stage.name):  # one writer per OUT, until the final rename
+        if out.exists() and not options.overwrite:  # finished by the writer we waited for
+            raise MergeError(f"{out} already exists; choose another output directory or pass --overwrite")
+        # Local inputs are hashed on a thread while the merge runs (sha256 releases the GIL), from
+        # the cache when their files have not changed.
         with BackgroundHashes(pinned if options.hash_inputs else []) as hashes:
-            return _merge_into(recipe, out_dir, options, inputs, device, stats, recipe_text, log, hashes)
+            return _merge_into(recipe, out, options, inputs, device, stats, recipe_text, log, hashes, spec, stage)
+
+
+def plan_key(recipe: Recipe, inputs: Inputs, options: MergeOptions, device: torch.device) -> str:
+    """What the staged bytes depend on: the recipe, each input's identity (its pinned revision, or
+    each file's device, inode, size and mtime for a local folder not hashed yet), the layout and
+    the device kind. A resumed merge reuses staged units only under the same key."""
+    import hashlib
+    import os
+
+    def identity(m: ResolvedModel) -> object:
+        if m.files or m.source != "local":
+            return m.revision
+        return [(p.name, *(lambda st: (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))(os.stat(p)))
+                for p in model_files(m.path)]
+
+    blob = json.dumps({"recipe": recipe.sha256(), "inputs": {r: identity(m) for r, m in sorted(inputs.resolved.items())},
+                       "max_shard_size": parse_size(options.max_shard_size), "unit_bytes": options.unit_bytes,
+                       "device": device.type, "code": __version__}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _check_free_space(out_dir: Path, need: int) -> None:
@@ -241,92 +281,180 @@ def _refuse_out_over_input(out_dir, models) -> None:
                              "choose an output directory outside every input")
 
 
-def _merge_into(recipe: Recipe, out_dir, options: MergeOptions, inputs: Inputs, device: torch.device,
-                stats, recipe_text: str | None, log, hashes: BackgroundHashes) -> MergeResult:
+def unit_ranges(shards, unit_bytes: int) -> list[staging.UnitRange]:
+    """Cut each shard's tensors, in order, into units of about ``unit_bytes`` (never across shards;
+    a larger tensor is a unit of its own). Depends on the plan only, never on the worker count."""
+    units: list[staging.UnitRange] = []
+    for shard in shards:
+        base = len(shard_prefix(shard))
+        names: list[str] = []
+        start = end = base
+        for name in shard.names:
+            lo, hi = (base + x for x in shard.header[name]["data_offsets"])
+            if names and hi - start > unit_bytes:
+                units.append(staging.UnitRange(len(units), shard.filename, tuple(names), start, end))
+                names, start = [], lo
+            names.append(name)
+            end = hi
+        if names:
+            units.append(staging.UnitRange(len(units), shard.filename, tuple(names), start, end))
+    return units
+
+
+def _norm_units(spec: MergeSpec, inputs: Inputs, indices: list[int]) -> list[NormUnit]:
+    assert inputs.base_reader is not None
+    units: list[NormUnit] = []
+    group: list[str] = []
+    size = 0
+    for name in _statistic_names(inputs):
+        group.append(name)
+        size += inputs.base_reader.tensors[name].nbytes
+        if size >= NORM_UNIT_BYTES:
+            units.append(NormUnit(spec, len(units), tuple(indices), tuple(group), size * (1 + len(indices))))
+            group, size = [], 0
+    if group:
+        units.append(NormUnit(spec, len(units), tuple(indices), tuple(group), size * (1 + len(indices))))
+    return units
+
+
+def _cached_statistics(inputs: Inputs, device: torch.device) -> tuple[dict[int, dict[str, float]], dict[int, str]]:
+    """Entries whose statistic the cache holds (by content: base and fine-tune hashes known without
+    hashing), and the cache key of every entry whose content is known (to store the rest later)."""
+    from .refs import known_model_hash
+
+    method, base = inputs.method, inputs.base
+    assert base is not None
+    names = _statistic_names(inputs)
+
+    def content(m: ResolvedModel) -> str | None:
+        if m.source != "local" or m.files:
+            return m.revision
+        return known_model_hash(m.path)
+
+    base_rev = content(base)
+    found: dict[int, dict[str, float]] = {}
+    keys: dict[int, str] = {}
+    for i, model in enumerate(inputs.models):
+        rev = content(model)
+        if base_rev is None or rev is None:
+            continue
+        keys[i] = cache.statistics_key(base_rev, rev, method.statistics_key(i), names, device.type)
+        values = cache.load_statistics(keys[i])
+        if values is not None and set(values) == set(names):
+            found[i] = values
+    return found, keys
+
+
+def _store_statistics(inputs: Inputs, computed: dict[int, dict[str, float]], device: torch.device) -> None:
+    """After the inputs are hashed: remember what the norm pass computed, by content."""
+    names = _statistic_names(inputs)
+    assert inputs.base is not None
+    for i, values in computed.items():
+        model = inputs.models[i]
+        key = cache.statistics_key(inputs.base.revision, model.revision, inputs.method.statistics_key(i),
+                                   names, device.type)
+        cache.store_statistics(key, values, {"base": inputs.base.ref, "model": model.ref})
+
+
+def _merge_into(recipe: Recipe, out: Path, options: MergeOptions, inputs: Inputs, device: torch.device,
+                stats, recipe_text: str | None, log, hashes: BackgroundHashes, spec: MergeSpec,
+                stage: Path) -> MergeResult:
     plan, method = inputs.plan, inputs.method
     labels = [m.ref for m in inputs.models]
-    model_stats = None
-    if method.needs_model_statistics():
-        stats = dict(stats or {})
-        missing = [i for i, e in enumerate(method.entries) if e.model not in stats]
-        if missing:
-            for i, st in zip(missing, compute_statistics(inputs, missing, device, options.progress)):
-                stats[method.entries[i].model] = st
-        # summed exactly (fsum): the same whatever order the tensors' statistics arrived in
-        model_stats = [math.fsum(stats[e.model][n] for n in plan.names if n not in plan.aliases)
-                       for e in method.entries]
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    shards = shard_layout([(n, plan.out_shapes[n], plan.out_dtypes[n]) for n in plan.names],
+                          parse_size(options.max_shard_size))
+    units = unit_ranges(shards, options.unit_bytes)
+    _check_free_space(out, plan.total_bytes)
+    try:
+        staging.prepare(stage, shards)
+        executor = options.executor
+        if method.order_dependent():  # one random stream across tensors: in order, here, from the start
+            executor = ExecutorConfig(kind="local", n_workers=1)
+            done = {}
+        else:
+            done = staging.completed(stage, units)
+        if done:
+            say(f"resuming: {len(done)}/{len(units)} shards already complete")
 
-    diag = Diagnostics(labels)
-    _check_free_space(Path(out_dir), plan.total_bytes)
-    with atomic_directory(out_dir, overwrite=options.overwrite) as tmp:
-        writer = ShardedWriter(tmp, [(n, plan.out_shapes[n], plan.out_dtypes[n]) for n in plan.names],
-                               parse_size(options.max_shard_size))
-        try:
-            _merge_tensors(inputs, method, writer, diag, device, model_stats, options.progress)
-        except BaseException:
-            writer.abort()
-            raise
-        shard_hashes = writer.close()
-        hashes.wait()
-        report = _report(recipe, inputs, diag, model_stats)
-        _write_side_files(tmp, recipe, inputs, report, recipe_text)
-        provenance = _provenance(tmp, recipe, inputs, shard_hashes, device)
-        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        # the statistic pass: from the caller, else the cache, else norm units
+        model_stats = None
+        norm_todo: list[NormUnit] = []
+        computed: dict[int, dict[str, float]] = {}
+        if method.needs_model_statistics():
+            stats = dict(stats or {})
+            missing = [i for i, e in enumerate(method.entries) if e.model not in stats]
+            if missing and options.use_cache:
+                found, _ = _cached_statistics(inputs, device)
+                for i in list(missing):
+                    if i in found:
+                        stats[method.entries[i].model] = found[i]
+                        missing.remove(i)
+            if missing:
+                norm_todo = _norm_units(spec, inputs, missing)
+        todo = [u for u in units if u.index not in done]
+        total = sum(u.nbytes for u in norm_todo) + sum(u.nbytes for u in todo)
+        with _bar(total, "merge", options.progress) as bar:
+            if norm_todo:
+                parts = run_units(run_norm_unit, norm_todo, executor, lambda u, _: bar.update(u.nbytes))
+                for k, i in enumerate(norm_todo[0].entries):
+                    values: dict[str, float] = {}
+                    for part in parts:
+                        values.update(part[k])
+                    computed[i] = values
+                    stats[method.entries[i].model] = values
+            if stats is not None and method.needs_model_statistics():
+                # summed exactly (fsum): the same whatever order the tensors' statistics arrived in
+                model_stats = [statistic_total(stats[e.model], _statistic_names(inputs)) for e in method.entries]
+            work = [MergeUnit(spec, u, str(stage), tuple(model_stats) if model_stats is not None else None) for u in todo]
+            for rec in run_units(run_merge_unit, work, executor, lambda u, _: bar.update(u.nbytes)):
+                done[rec["index"]] = rec
+    except WorkerLost:
+        raise  # interrupted, not wrong: the finished units stay staged for the rerun to resume
+    except MergeError:
+        shutil.rmtree(stage, ignore_errors=True)  # bad input: nothing of this plan is worth resuming
+        raise
+
+    diag = _diagnostics(labels, plan, [done[u.index] for u in units])
+    shard_hashes = _shard_hashes(stage, shards)
+    if (text := index_text(shards)) is not None:
+        (stage / "model.safetensors.index.json").write_text(text)
+        shard_hashes["model.safetensors.index.json"] = sha256_file(stage / "model.safetensors.index.json")
+    staging.finish(stage)
+    hashes.wait()
+    if computed and options.use_cache:
+        _store_statistics(inputs, computed, device)
+    report = _report(recipe, inputs, diag, model_stats)
+    _write_side_files(stage, recipe, inputs, report, recipe_text)
+    provenance = _provenance(stage, recipe, inputs, shard_hashes, device)
+    (stage / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    publish(stage, out, options.overwrite)
     if log:
-        log(f"merged {len(labels)} model(s) with {recipe.merge_method} into {out_dir}")
-    return MergeResult(Path(out_dir), plan, report, provenance)
+        log(f"merged {len(labels)} model(s) with {recipe.merge_method} into {out}")
+    return MergeResult(out, plan, report, provenance)
 
 
-def _merge_tensors(inputs: Inputs, method: MergeMethod, writer: ShardedWriter, diag: Diagnostics,
-                   device: torch.device, model_stats: list[float] | None, progress: bool) -> None:
-    plan, pool = inputs.plan, inputs.pool
-    ws = Workspace(device)
-    written: dict[str, torch.Tensor] = {}
-    targets = set(plan.aliases.values())
-    with _bar(plan.total_bytes, "merge", progress) as bar:
-        for name in plan.names:
-            if name in plan.aliases:  # tied to a tensor merged just before it: stays tied
-                writer.write(name, written.pop(plan.aliases[name]))
-                diag.tensors[name] = {**diag.tensors[plan.aliases[name]], "tied_to": plan.aliases[name]}
-                continue
-            rows = plan.shared_rows.get(name)
-            src = inputs.source(name)
-            read = ([src.base] if src.base else []) + list(src.inputs)  # (pool index, name) pairs
-            tensors = [load_compute(pool[i], n, device, inputs.cast_dtype, rows, workspace=ws, slot=f"m{k}")
-                       for k, (i, n) in enumerate(src.inputs)]
-            globals_, per = method.resolve(name) if src.scope is None else method.resolve(name, src.scope)
-            base = deltas = g = None
-            if src.base is not None:
-                base = load_compute(pool[src.base[0]], src.base[1], device, inputs.cast_dtype, rows,
-                                    workspace=ws, slot="base")
-            if base is not None and not src.inputs:  # a slice of only its base: the base, as it is
-                out = MergeOutput(base, [])
+def _diagnostics(labels: list[str], plan: Plan, records: list[dict]) -> Diagnostics:
+    """The report's per-tensor entries and whole-model sums, added in plan order whichever unit
+    computed them (so the sums, and the report, do not depend on the executor)."""
+    diag = Diagnostics(labels)
+    for rec in records:
+        for t in rec["tensors"]:
+            if "tied_to" in t:
+                diag.tensors[t["name"]] = {**diag.tensors[t["tied_to"]], "tied_to": t["tied_to"]}
             else:
-                if base is not None and method.task_vectors:
-                    taus = [x.sub_(base) for x in tensors]  # in place: the raw weights are not needed again
-                    g = gram(taus)
-                    if not all(math.isfinite(g[i][i]) for i in range(len(g))):
-                        raise name_nonfinite([pool[i] for i, _ in read], name, names=[n for _, n in read])
-                    deltas = [method.sparsify(name, i, tau, per[i], globals_) for i, tau in enumerate(taus)]
-                    tensors = []
-                out = method.merge(TensorJob(name, base, tensors, deltas, per, globals_, model_stats))
-            merged = out.tensor
-            if g is None and not bool(torch.isfinite(merged.sum())):
-                raise name_nonfinite([pool[i] for i, _ in read], name, names=[n for _, n in read])
-            if plan.extend_from is not None and plan.out_shapes[name][0] > merged.shape[0]:
-                donor = inputs.readers[plan.extend_from]
-                extra = donor.get(name)[merged.shape[0]:]
-                if not bool(torch.isfinite(extra).all()):  # rows no task vector saw: check them here
-                    raise name_nonfinite([donor], name)
-                merged = torch.cat([merged, extra.to(device=device, dtype=merged.dtype)])
-            result = merged
-            if merged.dtype != plan.out_dtypes[name] or merged.device.type != "cpu":
-                result = ws.buffer("out", tuple(merged.shape), plan.out_dtypes[name]).copy_(merged)
-            writer.write(name, result)
-            if name in targets:
-                written[name] = result.clone()
-            diag.add(name, g, out.coefficients, members=src.members if plan.sources else None)
-            bar.update(result.numel() * result.element_size())
+                members = tuple(t["members"]) if t["members"] is not None else None
+                diag.add(t["name"], t["gram"], t["coefficients"], members=members)
+    return diag
+
+
+def _shard_hashes(stage: Path, shards) -> dict[str, str]:
+    """sha256 of every shard, the files read on threads (hashing releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(4, len(shards))) as pool:
+        digests = pool.map(lambda s: sha256_file(stage / s.filename), shards)
+        return {s.filename: d for s, d in zip(shards, digests)}
 
 
 def _report(recipe: Recipe, inputs: Inputs, diag: Diagnostics, model_stats: list[float] | None) -> MergeReport:

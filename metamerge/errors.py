@@ -36,7 +36,7 @@ class TransientSourceError(MergeError):
 
 
 class Stopped(BaseException):
-    """SIGTERM arrived: unwinds like Ctrl-C, so every ``finally`` removes its staging."""
+    """SIGTERM arrived: unwinds like Ctrl-C, through every ``finally``."""
 
 
 def _stop(signum, frame) -> None:
@@ -53,8 +53,8 @@ def run_cli(command: Callable[[], int | None]) -> int:
     """Run a command-line ``command`` and return its exit status; a ``MergeError`` becomes one
     ``error: ...`` line on stderr and status 2. Every command line of the project goes through this.
 
-    SIGTERM and SIGINT stop the command with one line (status 143 / 130); the staging of an
-    unfinished output is removed on the way out. SIGXFSZ is ignored so that a write past the
+    SIGTERM and SIGINT stop the command with one line (status 143 / 130); OUT is not written, and
+    the merge units already finished stay staged beside it for the same command to resume. SIGXFSZ is ignored so that a write past the
     file-size limit is an EFBIG error naming the file, not a silent kill.
     """
     signal.signal(signal.SIGTERM, _stop)
@@ -67,7 +67,8 @@ def run_cli(command: Callable[[], int | None]) -> int:
         return 2
     except (KeyboardInterrupt, Stopped) as exc:
         name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else str(exc)
-        print(f"error: stopped by {name}; nothing was written (the unfinished output was removed)", file=sys.stderr)
+        print(f"error: stopped by {name}; the output was not written (rerun the same command to resume)",
+              file=sys.stderr)
         return 130 if isinstance(exc, KeyboardInterrupt) else 143
     except OSError as exc:
         if exc.errno not in DISK_ERRNOS:

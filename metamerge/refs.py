@@ -81,11 +81,29 @@ def model_files(path: Path) -> list[Path]:
     return sorted(out, key=lambda p: p.name)
 
 
+def _dir_digest(files: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in sorted(files.items())).encode()).hexdigest()
+
+
 def hash_model_dir(path: Path) -> tuple[str, dict[str, str]]:
-    """Content hash of a directory: sha256 over the sorted (name, sha256) of its files."""
-    files = {p.name: sha256_file(p) for p in model_files(path)}
-    digest = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in sorted(files.items())).encode()).hexdigest()
-    return digest, files
+    """Content hash of a directory: sha256 over the sorted (name, sha256) of its files. A file's
+    hash comes from the cache (:mod:`metamerge.cache`) when the file has not changed since."""
+    from .cache import file_sha256
+
+    files = {p.name: file_sha256(p, sha256_file) for p in model_files(path)}
+    return _dir_digest(files), files
+
+
+def known_model_hash(path: Path) -> str | None:
+    """The directory's content hash if every file's hash is cached already, else None (no hashing)."""
+    from .cache import known_sha256
+
+    files = {}
+    for p in model_files(path):
+        if (h := known_sha256(p)) is None:
+            return None
+        files[p.name] = h
+    return _dir_digest(files)
 
 
 def resolve(text: str, *, hash_files: bool = True, token: str | None = None) -> ResolvedModel:
@@ -170,7 +188,9 @@ def _resolve_hub_once(ref: ModelRef, text: str, *, hash_files: bool, token: str 
         raise TransientSourceError(f"model '{text}': cannot reach the hub ({type(exc).__name__}: {exc})") from exc
     path = Path(local)
     commit = path.name  # snapshots/<commit hash>
-    files = {p.name: sha256_file(p) for p in model_files(path)} if hash_files else {}
+    from .cache import file_sha256  # a hub blob is named by its sha256: nothing to hash
+
+    files = {p.name: file_sha256(p, sha256_file) for p in model_files(path)} if hash_files else {}
     return ResolvedModel(ref=text, path=path, revision=commit, source="hub", files=files)
 
 

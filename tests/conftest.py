@@ -7,7 +7,9 @@ not modify these directories; derive a copy (``models.derive``) to damage or alt
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,10 @@ if str(Path(__file__).parent) not in sys.path:  # `models` is importable in any 
     sys.path.insert(0, str(Path(__file__).parent))
 
 from models import build_family  # noqa: E402
+
+# The merge core's cache (file hashes, norms): one per test session, never the user's, inherited by
+# the CLI subprocesses the tests start.
+os.environ["METAMERGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="metamerge-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
+from metamerge import units
 from metamerge.errors import MergeError
-from metamerge.io.writer import ShardedWriter
+from metamerge.executors import ExecutorConfig
 
 from models import assert_nothing_written, derive, load_state, pickled, run_merge
 
@@ -360,23 +361,23 @@ def test_failure_mid_merge_leaves_nothing(overwrite, tiny_llama_fp32, tmp_path, 
         state[last].view(-1)[-1] = float("nan")
     bad = damaged(fam, tmp_path, poison)
     writes = []
-    real_write = ShardedWriter.write
+    real_write = units._pwrite_all
 
-    def spy(self, name, tensor):
-        writes.append((name, self.out_dir))
-        return real_write(self, name, tensor)
+    def spy(fd, data, offset, path):
+        writes.append(path)
+        return real_write(fd, data, offset, path)
 
-    monkeypatch.setattr(ShardedWriter, "write", spy)
+    monkeypatch.setattr(units, "_pwrite_all", spy)
     out = tmp_path / "out"
     if overwrite:
         out.mkdir()
         (out / "keep.txt").write_text("previous merge")
     recipe = task_arithmetic(fam, [*fam.refs[:2], bad])
-    with pytest.raises(MergeError) as info:
-        run_merge(recipe, out, max_shard_size="10KB", overwrite=overwrite)
+    with pytest.raises(MergeError) as info:  # in this process (one worker): the spy sees every write
+        run_merge(recipe, out, max_shard_size="10KB", overwrite=overwrite, executor=ExecutorConfig(n_workers=1))
     assert f"model '{bad}'" in str(info.value) and f"'{last}'" in str(info.value)
     assert len(writes) == len(load_state(fam.base)) - 1  # every other tensor had been written
-    assert writes[0][1].name.startswith(".out.tmp-") and not writes[0][1].exists()
+    assert writes[0].parent.name.startswith(".out.stage-") and not writes[0].parent.exists()
     if overwrite:
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "out"]

@@ -55,7 +55,7 @@ def test_a_signal_stops_the_merge_with_one_line(tmp_path, sig, status, name):
     finally:
         os.close(fd)
     assert proc.returncode == status, err
-    assert err.strip() == f"error: stopped by {name}; nothing was written (the unfinished output was removed)"
+    assert err.strip() == f"error: stopped by {name}; the output was not written (rerun the same command to resume)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
@@ -71,7 +71,7 @@ def test_a_write_past_the_file_size_limit_is_one_line_naming_the_file(tiny_llama
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err
     line = err.strip()
-    assert "\n" not in line and line.startswith(f"error: {tmp_path}/.out.tmp-") and "model.safetensors: File too large" in line
+    assert "\n" not in line and line.startswith(f"error: {tmp_path}/.out.stage-") and "model.safetensors: File too large" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # no staging, no lock, no OUT
 
 

@@ -49,6 +49,32 @@ class _Shard:
     nbytes: int = 0
 
 
+def shard_prefix(shard: _Shard) -> bytes:
+    """The 8-byte header length and the JSON header of ``shard``: every byte before its data."""
+    header = dict(shard.header)
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def shard_layout(plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int) -> list[_Shard]:
+    """The output shards of ``plan`` (names, header, file names), as :class:`ShardedWriter` writes
+    them: the scaled-out merge writes each shard's byte ranges from several processes."""
+    return ShardedWriter._plan(plan, max_shard_size)
+
+
+def index_text(shards: list[_Shard]) -> str | None:
+    """``model.safetensors.index.json`` of a sharded output (None for a single file)."""
+    if len(shards) < 2:
+        return None
+    index = {
+        "metadata": {"total_size": sum(s.nbytes for s in shards)},
+        "weight_map": {n: s.filename for s in shards for n in s.names},
+    }
+    return json.dumps(index, indent=2, sort_keys=True) + "\n"
+
+
 class ShardedWriter:
     """Write tensors, in the planned order, into shards of at most ``max_shard_size`` bytes."""
 
@@ -84,14 +110,10 @@ class ShardedWriter:
 
     def _open(self, shard: _Shard) -> None:
         self._finish_file()
-        header = dict(shard.header)
-        header["__metadata__"] = {"format": "pt"}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
         self._fh = open(self.out_dir / shard.filename, "wb")
         self._hash = hashlib.sha256()
         self._current = shard
-        self._emit(struct.pack("<Q", len(raw)) + raw)
+        self._emit(shard_prefix(shard))
 
     def _emit(self, data) -> None:
         try:
@@ -135,12 +157,7 @@ class ShardedWriter:
         if self._next != len(self.order):
             raise RuntimeError(f"writer closed after {self._next} of {len(self.order)} tensors")
         self._finish_file()
-        if len(self.shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
-                "weight_map": {n: s.filename for s in self.shards for n in s.names},
-            }
-            text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        if (text := index_text(self.shards)) is not None:
             (self.out_dir / "model.safetensors.index.json").write_text(text)
             self.hashes["model.safetensors.index.json"] = hashlib.sha256(text.encode()).hexdigest()
         return self.hashes

@@ -211,6 +211,12 @@ class MergeMethod:
         """Whether ``sparsify`` draws random numbers (its masks then depend on a seed and order)."""
         return False
 
+    def order_dependent(self) -> bool:
+        """Whether a tensor's result depends on the tensors merged before it (one random stream
+        drawn across tensors, as mergekit's DARE does): such a merge runs its units in plan order in
+        one process, and does not resume (the stream cannot be re-entered midway)."""
+        return False
+
     def sparsify(self, tensor_name: str, index: int, tau: torch.Tensor,
                  params: dict[str, Any], globals_: dict[str, Any]) -> torch.Tensor:
         """The task vector of entry ``index`` this method actually uses; identity by default."""

@@ -59,6 +59,9 @@ class GeneralTaskArithmetic(MergeMethod):
     def random_sparsification(self) -> bool:
         return self._sparsifier.random
 
+    def order_dependent(self) -> bool:
+        return self._sparsifier.random  # one generator, drawn in plan order (mergekit's --random-seed)
+
     def sparsify(self, tensor_name: str, index: int, tau: torch.Tensor,
                  params: dict[str, Any], globals_: dict[str, Any]) -> torch.Tensor:
         if self._sparsifier.random and self._generator is None:

@@ -1,0 +1,146 @@
+"""Where units run: in this process, on N local worker processes, or on a Dask cluster.
+
+Every executor takes the same unit functions and unit descriptions (paths and names, never
+tensors) and yields results as units finish; the engine puts them back in plan order, so the
+output does not depend on which executor ran what. Local workers are forked from a server process
+that has imported the engine once (``forkserver``), so starting them costs no second ``import
+torch`` per worker; each runs ``threads_per_worker`` torch threads so that N workers do not
+oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import MergeError
+
+
+class WorkerLost(MergeError):
+    """A worker died mid-merge: nothing was wrong with the inputs, and a rerun resumes."""
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """``kind``: ``local`` (``n_workers`` processes; 1 = this process) or ``dask`` (``address`` of
+    a running scheduler, or a ``LocalCluster`` of ``n_workers`` when None)."""
+
+    kind: str = "local"
+    n_workers: int | None = None          # local default: the number of cores
+    address: str | None = None
+    threads_per_worker: int | None = None  # default: cores / workers, at least 1
+
+    def workers(self) -> int:
+        return max(1, self.n_workers or available_cores())
+
+    def threads(self) -> int:
+        return self.threads_per_worker or max(1, available_cores() // self.workers())
+
+    def describe(self) -> str:
+        if self.kind == "dask":
+            return f"dask {self.address or f'LocalCluster({self.workers()} workers)'}"
+        return "this process" if self.workers() == 1 else f"{self.workers()} local processes"
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_units(fn: Callable[[Any], Any], units: list, config: ExecutorConfig,
+              on_done: Callable[[Any, Any], None] | None = None) -> list:
+    """``[fn(u) for u in units]``, run by ``config``; ``on_done(unit, result)`` as each finishes (in
+    this process). A unit's error is raised here, after the others still running have stopped."""
+    results: dict[int, Any] = {}
+
+    def done(i: int, result: Any) -> None:
+        results[i] = result
+        if on_done is not None:
+            on_done(units[i], result)
+
+    if not units:
+        return []
+    if config.kind == "dask":
+        for i, r in _dask(fn, units, config):
+            done(i, r)
+    elif config.workers() == 1 or len(units) == 1:
+        for i, u in enumerate(units):
+            done(i, fn(u))
+    else:
+        for i, r in _processes(fn, units, config):
+            done(i, r)
+    return [results[i] for i in range(len(units))]
+
+
+_POOLS: dict[tuple[int, int], ProcessPoolExecutor] = {}
+
+
+def _pool(workers: int, threads: int) -> ProcessPoolExecutor:
+    """One pool per (workers, threads) for the life of the process: a second merge in the same
+    process (the pipeline, the tests) reuses warm workers."""
+    pool = _POOLS.get((workers, threads))
+    if pool is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["metamerge.units"])
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+        _POOLS[(workers, threads)] = pool
+    return pool
+
+
+def _processes(fn, units, config: ExecutorConfig) -> Iterator[tuple[int, Any]]:
+    from concurrent.futures.process import BrokenProcessPool
+
+    workers = min(config.workers(), len(units))
+    pool = _pool(workers, config.threads())
+    futures = {pool.submit(fn, u): i for i, u in enumerate(units)}
+    pending = set(futures)
+    try:
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in sorted(finished, key=futures.__getitem__):
+                yield futures[f], f.result()
+    except BrokenProcessPool:
+        _POOLS.pop((workers, config.threads()), None)
+        raise WorkerLost("a merge worker process died (killed, or out of memory); rerun the same command to "
+                         "resume from the finished units") from None
+    finally:
+        for f in pending:
+            f.cancel()
+
+
+def _dask(fn, units, config: ExecutorConfig) -> Iterator[tuple[int, Any]]:
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise MergeError("--dask needs the 'distributed' package: pip install 'distributed==2026.8.*'") from None
+    cluster = None
+    if config.address:
+        client = Client(config.address, timeout="30s")
+    else:
+        cluster = LocalCluster(n_workers=config.workers(), threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    try:
+        client.run(_init_worker, config.threads_per_worker or 1)
+        # pure=False: every run is new work (a unit's result is a file it wrote, not a value);
+        # a unit whose worker dies is run again elsewhere by the scheduler, with the same bytes
+        futures = client.map(fn, units, pure=False)
+        index = {f.key: i for i, f in enumerate(futures)}
+        for f in as_completed(futures):
+            yield index[f.key], f.result()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
