@@ -25,6 +25,7 @@ MERGEKIT_FLAGS = {
 def _merge(args) -> int:
     from .engine import MergeOptions, merge
     from .executors import ExecutorConfig
+    from .io import parse_size
     from .recipe import load_recipe
 
     for flag in MERGEKIT_FLAGS:
@@ -38,7 +39,7 @@ def _merge(args) -> int:
                               threads_per_worker=args.threads_per_worker)
     options = MergeOptions(device=args.device, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
                            max_shard_size=args.max_shard_size, progress=not args.no_progress, wait=args.wait,
-                           executor=executor, use_cache=not args.no_cache)
+                           executor=executor, use_cache=not args.no_cache, unit_bytes=parse_size(args.unit_size))
     with open(args.recipe, encoding="utf-8") as fh:
         text = fh.read()
     result = merge(recipe, args.out_dir, options, recipe_text=text, dry_run=args.dry_run)
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "on storage every worker sees)")
     m.add_argument("--threads-per-worker", type=int, default=None, metavar="T",
                    help="torch threads per worker (default: cores / workers); the bytes do not depend on it")
+    m.add_argument("--unit-size", default="256MB", metavar="SIZE",
+                   help="output bytes per merge unit (default 256MB): smaller spreads a small model over more "
+                   "workers and resumes closer to where a merge was killed")
     m.add_argument("--no-cache", action="store_true", help="neither read nor write METAMERGE_CACHE_DIR "
                    "(input file hashes, norms per fine-tune)")
     for flag, meaning in MERGEKIT_FLAGS.items():

@@ -60,6 +60,9 @@ class MergeOptions:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)  # where units run
     unit_bytes: int = UNIT_BYTES  # output bytes per merge unit (part of the plan, not of the workers)
     use_cache: bool = True        # METAMERGE_CACHE_DIR: file hashes and per-fine-tune statistics
+    # who runs the units instead of ``executor`` (the pipeline maps them as Prefect tasks):
+    # ``runner(fn, units, on_done) -> results in unit order``
+    runner: Callable[..., list] | None = None
 
 
 @dataclass
@@ -196,6 +199,19 @@ def compute_statistics(inputs: Inputs, indices: list[int], device: torch.device,
                                       [inputs.readers[i] for i in indices], names,
                                       device=device, cast_dtype=inputs.cast_dtype,
                                       shared_rows=inputs.plan.shared_rows, progress=bar.update)
+
+
+def fine_tune_statistics(inputs: Inputs, index: int, device: torch.device) -> tuple[dict[str, float], bool]:
+    """Entry ``index``'s statistic per tensor, and whether it came from the cache: the one norm
+    cache, shared by ``metamerge merge`` and the pipeline (keyed by content, :mod:`metamerge.cache`)."""
+    found, keys = _cached_statistics(inputs, device)
+    if index in found:
+        return found[index], True
+    (values,) = compute_statistics(inputs, [index], device, progress=False)
+    if index in keys:
+        cache.store_statistics(keys[index], values, {"base": inputs.base.ref if inputs.base else None,
+                                                     "model": inputs.models[index].ref})
+    return values, False
 
 
 def _statistic_names(inputs: Inputs) -> list[str]:
@@ -368,14 +384,19 @@ def _merge_into(recipe: Recipe, out: Path, options: MergeOptions, inputs: Inputs
     _check_free_space(out, plan.total_bytes)
     try:
         staging.prepare(stage, shards)
+        runner = options.runner
         executor = options.executor
         if method.order_dependent():  # one random stream across tensors: in order, here, from the start
-            executor = ExecutorConfig(kind="local", n_workers=1)
+            runner, executor = None, ExecutorConfig(kind="local", n_workers=1)
             done = {}
         else:
             done = staging.completed(stage, units)
+
+        def execute(fn, work, on_done):
+            return runner(fn, work, on_done) if runner else run_units(fn, work, executor, on_done)
+
         if done:
-            say(f"resuming: {len(done)}/{len(units)} shards already complete")
+            say(f"resuming: {len(done)}/{len(units)} units already complete")
 
         # the statistic pass: from the caller, else the cache, else norm units
         model_stats = None
@@ -396,7 +417,7 @@ def _merge_into(recipe: Recipe, out: Path, options: MergeOptions, inputs: Inputs
         total = sum(u.nbytes for u in norm_todo) + sum(u.nbytes for u in todo)
         with _bar(total, "merge", options.progress) as bar:
             if norm_todo:
-                parts = run_units(run_norm_unit, norm_todo, executor, lambda u, _: bar.update(u.nbytes))
+                parts = execute(run_norm_unit, norm_todo, lambda u, _: bar.update(u.nbytes))
                 for k, i in enumerate(norm_todo[0].entries):
                     values: dict[str, float] = {}
                     for part in parts:
@@ -407,7 +428,7 @@ def _merge_into(recipe: Recipe, out: Path, options: MergeOptions, inputs: Inputs
                 # summed exactly (fsum): the same whatever order the tensors' statistics arrived in
                 model_stats = [statistic_total(stats[e.model], _statistic_names(inputs)) for e in method.entries]
             work = [MergeUnit(spec, u, str(stage), tuple(model_stats) if model_stats is not None else None) for u in todo]
-            for rec in run_units(run_merge_unit, work, executor, lambda u, _: bar.update(u.nbytes)):
+            for rec in execute(run_merge_unit, work, lambda u, _: bar.update(u.nbytes)):
                 done[rec["index"]] = rec
     except WorkerLost:
         raise  # interrupted, not wrong: the finished units stay staged for the rerun to resume

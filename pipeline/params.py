@@ -14,6 +14,7 @@
       registry: {model_name: ..., ...}    # modelregistry.config.RegistryConfig
       watch: [ref, {dir: folder, parameters: {}}]
       materialize_task_vectors: false
+      executor: {kind: local, n_workers: null}  # or {kind: dask, address: tcp://host:8786}
 
 Relative paths (model references, output_root, eval sets) are relative to the working directory,
 as for ``metamerge merge``. Every problem is one ``InputError`` line. When to run is not a param:
@@ -77,6 +78,18 @@ class ScenarioParams(_Strict):
     seed: int = 0
 
 
+class ExecutorParams(_Strict):
+    """Where the merge's units run (``metamerge.executors.ExecutorConfig``): ``local`` worker
+    processes of the merge task, or ``dask``: each unit a Prefect task on ``prefect-dask``'s
+    ``DaskTaskRunner`` (the cluster at ``address``, else a ``LocalCluster`` of ``n_workers``)."""
+
+    kind: Literal["local", "dask"] = "local"
+    address: str | None = None
+    n_workers: int | None = Field(default=None, ge=1)
+    threads_per_worker: int | None = Field(default=None, ge=1)
+    unit_size: str = "256MB"
+
+
 class PipelineParams(_Strict):
     name: str | None = None
     output_root: str = "outputs"
@@ -88,6 +101,7 @@ class PipelineParams(_Strict):
     watch: list[str | WatchRef | WatchDir] = Field(default_factory=list)
     materialize_task_vectors: bool = False
     max_shard_size: str = "5GB"
+    executor: ExecutorParams = Field(default_factory=ExecutorParams)
     data_dir: str | None = None            # DVC: the folder of local models and eval sets it tracks
     scenario: ScenarioParams | None = None  # DVC: build the demo scenario into data_dir first
 

@@ -24,7 +24,6 @@ from .keys import (
     input_refs,
     merge_key,
     merged_refs,
-    norms_key,
     task_vector_key,
 )
 from .params import Params
@@ -131,22 +130,20 @@ def _write_task_vector(params: Params, pins: dict[str, dict], ref: str, out: Pat
 
 def norms(params: Params, pins: dict[str, dict], ref: str, log: Log = quiet) -> dict[str, float]:
     """||tau_t||^2 per tensor for one fine-tune (after the method's sparsification), on the GPU
-    when there is one; stored under its key, so a fine-tune's norms are computed once."""
+    when there is one; from the merge core's one cache (``METAMERGE_CACHE_DIR``, keyed by the base's
+    and the fine-tune's content), which ``metamerge merge`` reads and fills too."""
     from metamerge.device import resolve_device
-    from metamerge.engine import MergeOptions, compute_statistics, open_inputs
+    from metamerge.engine import MergeOptions, fine_tune_statistics, open_inputs
 
     device = resolve_device(params.pipeline.device)
-
-    def compute() -> dict[str, float]:
-        inputs = open_inputs(_one_model_recipe(params, ref), MergeOptions(progress=False), resolved(pins))
+    inputs = open_inputs(_one_model_recipe(params, ref), MergeOptions(progress=False), resolved(pins))
+    sq, cached = fine_tune_statistics(inputs, 0, device)
+    if cached:
+        log(f"norms of {ref}: from the cache (METAMERGE_CACHE_DIR)")
+    else:
         log(f"norms of {ref}: {len(inputs.plan.names)} tensors on {device.type}")
-        (sq,) = compute_statistics(inputs, [0], device, progress=False)
         log(f"norms of {ref}: ||tau||^2 = {sum(sq.values()):.6g}")
-        return sq
-
-    return stored(params, "norms", norms_key(params, pins, ref, device.type), "sqnorms", f"norms of {ref}", log,
-                  compute, model=ref, base_revision=pins[params.recipe.base_model]["revision"],
-                  revision=pins[ref]["revision"])
+    return sq
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,18 +176,26 @@ def existing_merge(params: Params, pins: dict[str, dict], model_dir: str | Path)
 
 
 def merge(params: Params, pins: dict[str, dict], sqnorms: dict[str, dict[str, float]] | None = None,
-          out_dir: str | Path | None = None, log: Log = quiet) -> dict:
-    """The engine, fed with pinned inputs and cached norms; reuses a matching merge in place."""
+          out_dir: str | Path | None = None, log: Log = quiet, runner=None) -> dict:
+    """The engine, fed with pinned inputs and cached norms; reuses a matching merge in place.
+    ``runner``: who runs the merge's units (the Prefect layer passes one for ``executor.kind:
+    dask``); else the engine's local worker processes per ``pipeline.executor``."""
     from metamerge.engine import MergeOptions
     from metamerge.engine import merge as engine_merge
+    from metamerge.executors import ExecutorConfig
+    from metamerge.io import parse_size
 
     out = Path(out_dir) if out_dir is not None else merge_dir(params, pins)
     key = merge_key(params, pins)
     if (info := existing_merge(params, pins, out)) is not None:
         log(f"merge: {out} already holds this merge (provenance matches); reusing it")
         return info
+    ex = params.pipeline.executor
     options = MergeOptions(device=params.pipeline.device, overwrite=True, progress=False,
-                           max_shard_size=params.pipeline.max_shard_size)
+                           max_shard_size=params.pipeline.max_shard_size, unit_bytes=parse_size(ex.unit_size),
+                           executor=ExecutorConfig(kind=ex.kind, n_workers=ex.n_workers, address=ex.address,
+                                                   threads_per_worker=ex.threads_per_worker),
+                           runner=runner)
     log(f"merge: {params.recipe.merge_method} of {len(fine_tunes(params))} model(s) into {out}")
     engine_merge(params.recipe, out, options, stats=sqnorms or None, resolved=resolved(pins),
                  recipe_text=params.recipe_text(), log=log)

@@ -7,6 +7,7 @@ from prefect import task
 from pipeline import keys, steps, store
 
 from .common import keyed, load, log
+from .units import prefect_runner
 
 
 def _merge_key(params: dict, pins: dict, sqnorms: dict | None = None) -> str:
@@ -21,4 +22,5 @@ def merge(params: dict, pins: dict, sqnorms: dict | None = None) -> dict:
 
     ``sqnorms`` are derived from the pinned inputs, so they are not part of the key.
     """
-    return steps.merge(load(params), pins, sqnorms, log=log())
+    p = load(params)
+    return steps.merge(p, pins, sqnorms, log=log(), runner=prefect_runner(p.pipeline.executor))

@@ -176,3 +176,32 @@ def test_the_merge_is_registered_once(first_run, tmp_path):
     assert reg["decision"]["decision"] == "promoted"  # the first version becomes the champion
     again = merge_flow(p)
     assert again["steps"]["register"] == "Cached" and again["registered"]["version"] == "1"
+
+
+def test_merge_flow_maps_units_as_prefect_tasks_on_a_dask_task_runner(tiny_models, tmp_path, prefect_server):
+    """``executor: {kind: dask}``: the merge's units are task runs of a sub-flow on prefect-dask's
+    DaskTaskRunner (a LocalCluster of 2 worker processes); the weights equal the engine's, merged
+    in this process."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+
+    from flows.merge_flow import merge_flow
+    from metamerge.engine import MergeOptions, merge
+    from metamerge.executors import ExecutorConfig
+    from metamerge.recipe import parse_recipe
+
+    params = params_for(tiny_models, tmp_path, eval_sets={}, experts={},
+                        executor={"kind": "dask", "n_workers": 2, "unit_size": "2KB"})
+    result = merge_flow(params)
+    direct = tmp_path / "direct"
+    merge(parse_recipe(params["recipe"]), direct, MergeOptions(device="cpu", progress=False,
+                                                               executor=ExecutorConfig(n_workers=1)))
+    flow_dir = Path(result["model_dir"])
+    for name in ["model.safetensors", "merge_report.json"]:
+        assert (flow_dir / name).read_bytes() == (direct / name).read_bytes(), name
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="merge-unit-")))
+        mine = [r for r in runs if r.flow_run_id is not None]
+        flows = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.flow_run_id for r in mine])))
+    units = [r for r in mine if r.state_name == "Completed"]
+    assert len(units) > 2 and {f.name for f in flows} == {"merge-units"}
