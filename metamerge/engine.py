@@ -60,7 +60,7 @@ class MergeOptions:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)  # where units run
     unit_bytes: int = UNIT_BYTES  # output bytes per merge unit (part of the plan, not of the workers)
     use_cache: bool = True        # METAMERGE_CACHE_DIR: file hashes and per-fine-tune statistics
-    # who runs the units instead of ``executor`` (the pipeline maps them as Prefect tasks):
+    # who runs the units instead of ``executor`` (a caller above the core, e.g. as workflow tasks):
     # ``runner(fn, units, on_done) -> results in unit order``
     runner: Callable[..., list] | None = None
 
