@@ -11,18 +11,29 @@ import math
 
 import torch
 
-from .reduce import det_dot
+from .reduce import dot_blocks
+
+
+def gram_blocks(taus: list[torch.Tensor]) -> list[list[list[float]]]:
+    """The block sums of every pairwise product (upper triangle mirrored): a tensor merged in
+    chunks extends these lists chunk by chunk and gets the same Gram matrix from :func:`fsum_gram`."""
+    flat = [t.reshape(-1) for t in taus]
+    n = len(flat)
+    g: list[list[list[float]]] = [[[] for _ in range(n)] for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            g[i][j] = dot_blocks(flat[i], flat[j])
+            g[j][i] = g[i][j]
+    return g
+
+
+def fsum_gram(blocks: list[list[list[float]]]) -> list[list[float]]:
+    return [[math.fsum(b) for b in row] for row in blocks]
 
 
 def gram(taus: list[torch.Tensor]) -> list[list[float]]:
     """Pairwise dot products <tau_i, tau_j> in float64, the same on any thread count."""
-    flat = [t.reshape(-1) for t in taus]
-    n = len(flat)
-    g = [[0.0] * n for _ in range(n)]
-    for i in range(n):
-        for j in range(i, n):
-            g[i][j] = g[j][i] = det_dot(flat[i], flat[j])
-    return g
+    return fsum_gram(gram_blocks(taus))
 
 
 def cosine_from_gram(g: list[list[float]]) -> list[list[float | None]]:

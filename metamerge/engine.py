@@ -317,6 +317,19 @@ def unit_ranges(shards, unit_bytes: int) -> list[staging.UnitRange]:
     return units
 
 
+def _tied_locations(plan: Plan, shards) -> tuple[tuple[str, str, int, int], ...]:
+    """Where each tied tensor's target lies in the staged shards: (name, file, start, end)."""
+    targets = set(plan.aliases.values())
+    out = []
+    for shard in shards:
+        base = len(shard_prefix(shard))
+        for name in shard.names:
+            if name in targets:
+                lo, hi = shard.header[name]["data_offsets"]
+                out.append((name, shard.filename, base + lo, base + hi))
+    return tuple(out)
+
+
 def _norm_units(spec: MergeSpec, inputs: Inputs, indices: list[int]) -> list[NormUnit]:
     assert inputs.base_reader is not None
     units: list[NormUnit] = []
@@ -427,7 +440,9 @@ def _merge_into(recipe: Recipe, out: Path, options: MergeOptions, inputs: Inputs
             if stats is not None and method.needs_model_statistics():
                 # summed exactly (fsum): the same whatever order the tensors' statistics arrived in
                 model_stats = [statistic_total(stats[e.model], _statistic_names(inputs)) for e in method.entries]
-            work = [MergeUnit(spec, u, str(stage), tuple(model_stats) if model_stats is not None else None) for u in todo]
+            tied = _tied_locations(plan, shards) if method.order_dependent() else ()
+            work = [MergeUnit(spec, u, str(stage), tuple(model_stats) if model_stats is not None else None, tied)
+                    for u in todo]
             for rec in execute(run_merge_unit, work, lambda u, _: bar.update(u.nbytes)):
                 done[rec["index"]] = rec
     except WorkerLost:

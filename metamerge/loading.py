@@ -80,6 +80,20 @@ def load_compute(reader: ModelReader, name: str, device: torch.device, cast_dtyp
     return out
 
 
+def load_compute_flat(reader: ModelReader, name: str, start: int, count: int, device: torch.device,
+                      cast_dtype: torch.dtype | None, *, workspace: Workspace, slot: str) -> torch.Tensor:
+    """Entries ``[start, start + count)`` of the flattened tensor, as :func:`load_compute` loads a
+    whole one (rounded to ``cast_dtype`` first, then in the compute dtype, in ``slot``'s buffer)."""
+    size = reader.tensors[name].dtype.itemsize
+    t = reader.get_flat(name, start, count, into=workspace.raw(slot, count * size))
+    dtype = compute_dtype(cast_dtype)
+    if cast_dtype is not None and t.dtype != cast_dtype and cast_dtype != dtype:
+        t = t.to(cast_dtype)
+    out = workspace.buffer(slot, (count,), dtype)
+    out.copy_(t)
+    return out
+
+
 def name_nonfinite(readers: list[ModelReader], name: str, what: str = "merged tensor",
                    names: list[str] | None = None) -> MergeError:
     """The one-line error for a non-finite result: which input holds the NaN/Inf, if any.

@@ -13,8 +13,9 @@ import math
 import torch
 
 from .io import ModelReader
-from .loading import Workspace, load_compute, name_nonfinite
+from .loading import Workspace, load_compute, load_compute_flat, name_nonfinite
 from .methods.base import MergeMethod
+from .reduce import CHUNK
 
 
 def task_vector_statistics(method: MergeMethod, indices: list[int], base: ModelReader, models: list[ModelReader],
@@ -27,6 +28,11 @@ def task_vector_statistics(method: MergeMethod, indices: list[int], base: ModelR
     out: list[dict[str, float]] = [{} for _ in indices]
     for name in names:
         rows = shared_rows.get(name)
+        if rows is None and method.elementwise() and base.tensors[name].numel > 2 * CHUNK:
+            _chunked(method, indices, base, models, name, device, cast_dtype, ws, out)
+            if progress is not None:
+                progress(base.tensors[name].nbytes * (1 + len(indices)))
+            continue
         b = load_compute(base, name, device, cast_dtype, rows=rows, workspace=ws, slot="base")
         globals_, per = method.resolve(name)
         for k, (index, reader) in enumerate(zip(indices, models)):
@@ -38,3 +44,25 @@ def task_vector_statistics(method: MergeMethod, indices: list[int], base: ModelR
         if progress is not None:
             progress(base.tensors[name].nbytes * (1 + len(indices)))
     return out
+
+
+def _chunked(method: MergeMethod, indices: list[int], base: ModelReader, models: list[ModelReader], name: str,
+             device: torch.device, cast_dtype, ws: Workspace, out: list[dict[str, float]]) -> None:
+    """A large tensor a ``CHUNK`` at a time: the statistic's block sums per chunk, added exactly
+    (fsum), equal to the whole tensor's (``tensor_statistic_blocks``)."""
+    globals_, per = method.resolve(name)
+    n = base.tensors[name].numel
+    blocks: list[list[float]] = [[] for _ in indices]
+    for start in range(0, n, CHUNK):
+        count = min(CHUNK, n - start)
+        b = load_compute_flat(base, name, start, count, device, cast_dtype, workspace=ws, slot="base")
+        for k, (index, reader) in enumerate(zip(indices, models)):
+            tau = load_compute_flat(reader, name, start, count, device, cast_dtype, workspace=ws, slot="model").sub_(b)
+            part = method.tensor_statistic_blocks(name, index, method.sparsify(name, index, tau, per[index], globals_))
+            assert part is not None, f"{method.name}: elementwise but no tensor_statistic_blocks"
+            blocks[k].extend(part)
+    for k, (_, reader) in enumerate(zip(indices, models)):
+        value = math.fsum(blocks[k])
+        if not math.isfinite(value):
+            raise name_nonfinite([base, reader], name, "task vector of")
+        out[k][name] = value

@@ -37,9 +37,11 @@ def _chunks(t: torch.Tensor):
     return t.reshape(-1).split(CHUNK)
 
 
-def _fsum_blocks(pieces) -> float:
-    """Sum each ``BLOCK`` of every piece on one thread (a row reduction in the piece's dtype), then
-    add the block sums in float64 exactly, so their order does not matter."""
+def _block_sums(pieces) -> list[float]:
+    """Sum each ``BLOCK`` of every piece on one thread (a row reduction in the piece's dtype).
+
+    The block sums of a tensor are the same whether it is reduced whole or one ``CHUNK``-aligned
+    piece at a time, so a tensor merged in chunks reports the very same sums (added with fsum)."""
     sums: list[torch.Tensor] = []
     for part in pieces:
         n = part.numel() // BLOCK * BLOCK
@@ -47,7 +49,12 @@ def _fsum_blocks(pieces) -> float:
             sums.append(part[:n].view(-1, BLOCK).sum(dim=1))
         if n < part.numel():
             sums.append(part[n:].sum().reshape(1))
-    return math.fsum(torch.cat([s.double() for s in sums]).tolist()) if sums else 0.0
+    return torch.cat([s.double() for s in sums]).tolist() if sums else []
+
+
+def _fsum_blocks(pieces) -> float:
+    """The block sums added in float64 exactly, so their order does not matter."""
+    return math.fsum(_block_sums(pieces))
 
 
 def det_sum(t: torch.Tensor) -> float:
@@ -64,16 +71,26 @@ def _scratch(*ts: torch.Tensor) -> torch.Tensor:
     return torch.empty(min(CHUNK, ts[0].numel()), dtype=dtype, device=ts[0].device)
 
 
+def dot_blocks(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """The block sums of ``a * b`` (see :func:`_block_sums`); :func:`det_dot` is their fsum."""
+    buf = _scratch(a, b)
+    return _block_sums(torch.mul(_wide(x), _wide(y), out=buf[: x.numel()]) for x, y in zip(_chunks(a), _chunks(b)))
+
+
+def sqnorm_blocks(t: torch.Tensor) -> list[float]:
+    """The block sums of ``t * t``; :func:`det_sqnorm` is their fsum."""
+    buf = _scratch(t)
+    return _block_sums(torch.mul(w, w, out=buf[: w.numel()]) for w in map(_wide, _chunks(t)))
+
+
 def det_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """``<a, b>`` over every entry, accumulated in float64, the same on any thread count."""
-    buf = _scratch(a, b)
-    return _fsum_blocks(torch.mul(_wide(x), _wide(y), out=buf[: x.numel()]) for x, y in zip(_chunks(a), _chunks(b)))
+    return math.fsum(dot_blocks(a, b))
 
 
 def det_sqnorm(t: torch.Tensor) -> float:
     """``||t||^2`` accumulated in float64, the same on any thread count."""
-    buf = _scratch(t)
-    return _fsum_blocks(torch.mul(w, w, out=buf[: w.numel()]) for w in map(_wide, _chunks(t)))
+    return math.fsum(sqnorm_blocks(t))
 
 
 def det_norm(t: torch.Tensor) -> float:

@@ -60,6 +60,10 @@ class MergeUnit:
     range: UnitRange
     stage: str                    # the staging directory (shared storage on a cluster)
     model_stats: tuple[float, ...] | None
+    # tied targets written by earlier units, to copy rather than merge again: (name, file, start,
+    # end); only for an order-dependent method, whose units run in order (a second merge of a
+    # tensor would draw from its random stream again)
+    tied: tuple[tuple[str, str, int, int], ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -67,7 +71,7 @@ class MergeUnit:
 
 
 _OPEN: dict[str, object] = {}
-_TIED: dict[str, torch.Tensor] = {}  # this run's merged tensors that a later tied tensor repeats
+COPY_CHUNK = 16 << 20
 
 
 def where() -> str:
@@ -95,7 +99,6 @@ def open_spec(spec: MergeSpec):
 
         _check_visible([m.path for m in spec.resolved.values()])
         _OPEN.clear()
-        _TIED.clear()
         inputs = open_inputs(spec.recipe, MergeOptions(device=spec.device, allow_pickle=spec.allow_pickle,  # type: ignore[arg-type]
                                                        progress=False), spec.resolved)
         _OPEN[spec.run] = inputs
@@ -128,31 +131,47 @@ def run_merge_unit(unit: MergeUnit) -> dict:
     ws = Workspace(device)
     stats = list(unit.model_stats) if unit.model_stats is not None else None
     plan, r = inputs.plan, unit.range
+    path = stage / r.file
     h = hashlib.sha256()
     tensors: list[dict] = []
-    done = _TIED  # within a process and run: a tied tensor in a later unit need not merge again
-    targets = set(plan.aliases.values())
+    where_written: dict[str, tuple[int, int]] = {}  # this unit's tensors: their byte range in the shard
     offset = r.start
-    fd = os.open(stage / r.file, os.O_WRONLY)
+    fd = os.open(path, os.O_RDWR)
+
+    def emit(data) -> None:
+        nonlocal offset
+        if isinstance(data, torch.Tensor):
+            data = memoryview(data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
+        _pwrite_all(fd, data, offset, path)
+        h.update(data)
+        offset += len(data)
+
     try:
         for name in r.names:
-            if name in plan.aliases:  # tied: the same bytes as its target (merged again if elsewhere)
+            begin = offset
+            if name in plan.aliases:  # tied: the same bytes as its target
                 target = plan.aliases[name]
-                result = done.get(target)
-                if result is None:
-                    result = merge_tensor(inputs, target, ws, device, stats).tensor.clone()
+                earlier = {t[0]: t[1:] for t in unit.tied}
+                if target in where_written:  # written by this unit: copy its bytes
+                    lo, hi = where_written[target]
+                    for pos in range(lo, hi, COPY_CHUNK):
+                        emit(os.pread(fd, min(COPY_CHUNK, hi - pos), pos))
+                elif target in earlier:  # written by an earlier unit (run in order): copy it
+                    file, lo, hi = earlier[target]
+                    src = os.open(stage / file, os.O_RDONLY)
+                    try:
+                        for pos in range(lo, hi, COPY_CHUNK):
+                            emit(os.pread(src, min(COPY_CHUNK, hi - pos), pos))
+                    finally:
+                        os.close(src)
+                else:  # written by another unit, maybe not yet: merge it again, same bytes
+                    merge_tensor(inputs, target, ws, device, stats, emit)
                 tensors.append({"name": name, "tied_to": target})
             else:
-                merged = merge_tensor(inputs, name, ws, device, stats)
-                result = merged.tensor
-                if name in targets:
-                    done[name] = result.clone()
+                merged = merge_tensor(inputs, name, ws, device, stats, emit)
                 tensors.append({"name": name, "gram": merged.gram, "coefficients": merged.coefficients,
                                 "members": list(merged.members) if merged.members is not None else None})
-            data = memoryview(result.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
-            _pwrite_all(fd, data, offset, stage / r.file)
-            h.update(data)
-            offset += len(data)
+            where_written[name] = (begin, offset)
         if offset != r.end:
             raise RuntimeError(f"unit {r.index} wrote {offset - r.start} bytes, planned {r.nbytes}")
         os.fdatasync(fd)

@@ -21,8 +21,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from metamerge import cache
+from metamerge.engine import MergeOptions
 from metamerge.errors import MergeError
 from metamerge.executors import ExecutorConfig
+from metamerge.recipe import parse_recipe
 from metamerge.report import MergeReport
 
 from models import derive, load_state, run_merge, write_recipe, write_state
@@ -334,3 +336,38 @@ def test_a_worker_that_cannot_see_a_path_says_which_worker_and_which_path(medium
     msg = str(info.value)
     assert msg.startswith(f"process {os.getpid()} on {socket.gethostname()} cannot see {missing}")
     assert "every worker" in msg and "\n" not in msg
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A Llama whose embedding and head (20000 x 128 = 2.56M entries) are merged in chunks."""
+    root = tmp_path_factory.mktemp("wide")
+    cfg = LlamaConfig(vocab_size=20000, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(root / "base")
+    for k in range(2):
+        g = torch.Generator().manual_seed(7 + k)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02 * (k + 1))
+        model.save_pretrained(root / f"ft{k}")
+    return {"base": str(root / "base"), "models": [str(root / "ft0"), str(root / "ft1")]}
+
+
+@pytest.mark.parametrize("method", ["metagpt", "task_arithmetic"])
+def test_large_tensors_merged_in_chunks_give_the_bytes_and_report_of_the_whole(method, wide, tmp_path, monkeypatch):
+    from metamerge import tensor_merge
+    from metamerge.engine import open_inputs
+
+    recipe = metagpt(wide) if method == "metagpt" else {
+        "merge_method": "task_arithmetic", "base_model": wide["base"], "parameters": {"lambda": 0.7},
+        "models": [{"model": r, "parameters": {"weight": w}} for r, w in zip(wide["models"], (1.0, 0.5))]}
+    inputs = open_inputs(parse_recipe(recipe), MergeOptions(), None)
+    assert tensor_merge.chunked(inputs, "model.embed_tokens.weight")
+    chunked = one_worker(recipe, tmp_path / "chunked")
+    monkeypatch.setattr(tensor_merge, "chunked", lambda inputs, name: False)
+    whole = one_worker(recipe, tmp_path / "whole", use_cache=False)
+    assert files(tmp_path / "chunked") == files(tmp_path / "whole")
+    assert chunked.report.tensors["lm_head.weight"] == whole.report.tensors["lm_head.weight"]

@@ -198,6 +198,30 @@ class ModelReader:
             return torch.empty(info.shape, dtype=info.dtype)
         return torch.frombuffer(buf, dtype=info.dtype, count=info.numel).reshape(info.shape)
 
+    def get_flat(self, name: str, start: int, count: int, into: bytearray | None = None) -> torch.Tensor:
+        """Entries ``[start, start + count)`` of the flattened tensor, in its stored dtype: one
+        positioned read of just those bytes (a large tensor merged a chunk at a time)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise MergeError(f"{self.label}: tensor '{name}' is missing")
+        if info.file in self._pickled:
+            return self._pickled[info.file][name].reshape(-1)[start:start + count]
+        fh = self._handles.get(info.file)
+        if fh is None:
+            try:
+                fh = open(self.path / info.file, "rb", buffering=0)
+            except OSError as exc:
+                raise MergeError(f"{self.label}: cannot open {info.file} ({exc.strerror}); re-download it") from None
+            self._handles[info.file] = fh
+        size = info.dtype.itemsize
+        nbytes = count * size
+        buf = into if into is not None else bytearray(nbytes)
+        fh.seek(info.offset + start * size)
+        got = fh.readinto(memoryview(buf)[:nbytes])
+        if got != nbytes:
+            raise MergeError(f"{self.label}: {info.file}: tensor '{name}' is truncated; re-download or re-save it")
+        return torch.frombuffer(buf, dtype=info.dtype, count=count) if count else torch.empty(0, dtype=info.dtype)
+
     def config(self) -> dict:
         cfg = self.path / "config.json"
         if not cfg.exists():

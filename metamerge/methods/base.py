@@ -211,6 +211,17 @@ class MergeMethod:
         """Whether ``sparsify`` draws random numbers (its masks then depend on a seed and order)."""
         return False
 
+    def elementwise(self) -> bool:
+        """Whether ``sparsify`` and ``merge`` act on each entry of a tensor alone (given the
+        whole-model statistics): such a method gets large tensors a chunk at a time (a few MB in
+        cache instead of several copies of a 500 MB embedding), with the same bytes as whole."""
+        return False
+
+    def tensor_statistic_blocks(self, tensor_name: str, index: int, delta: torch.Tensor) -> list[float] | None:
+        """``tensor_statistic`` as block sums that add up (fsum) to it over a tensor's chunks, for
+        an elementwise method whose statistic is such a sum; None when it is not."""
+        return None
+
     def order_dependent(self) -> bool:
         """Whether a tensor's result depends on the tensors merged before it (one random stream
         drawn across tensors, as mergekit's DARE does): such a merge runs its units in plan order in

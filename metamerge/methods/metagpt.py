@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .. import sparsify as sp
-from ..reduce import det_sqnorm
+from ..reduce import det_sqnorm, sqnorm_blocks
 from .base import MergeMethod, MergeOutput, Param, TensorJob, register
 from .params import leaves
 from .sparsifiers import DENSITY, SPARSIFIERS
@@ -89,6 +89,14 @@ class MetaGPT(MergeMethod):
 
     def tensor_statistic(self, tensor_name: str, index: int, delta: torch.Tensor) -> float:
         return squared_norm(delta)
+
+    def elementwise(self) -> bool:
+        # whole-model lambdas and no sparsification: theta_0 + sum_t lambda_t tau_t, entry by entry
+        p = self.recipe.parameters
+        return p.get("granularity", "model") == "model" and all(v == "none" for v in leaves(p.get("sparsify", "none")))
+
+    def tensor_statistic_blocks(self, tensor_name: str, index: int, delta: torch.Tensor) -> list[float] | None:
+        return sqnorm_blocks(delta)
 
     def merge(self, job: TensorJob) -> MergeOutput:
         assert job.deltas is not None and job.base is not None

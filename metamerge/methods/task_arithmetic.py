@@ -59,6 +59,9 @@ class GeneralTaskArithmetic(MergeMethod):
     def random_sparsification(self) -> bool:
         return self._sparsifier.random
 
+    def elementwise(self) -> bool:
+        return self.variant.sparsifier == "none"  # weights, sign election and normalising: per entry
+
     def order_dependent(self) -> bool:
         return self._sparsifier.random  # one generator, drawn in plan order (mergekit's --random-seed)
 
