@@ -395,8 +395,10 @@ def _merge_into(recipe: Recipe, out: Path, options: MergeOptions, inputs: Inputs
                           parse_size(options.max_shard_size))
     units = unit_ranges(shards, options.unit_bytes)
     _check_free_space(out, plan.total_bytes)
+    hasher = None
     try:
         staging.prepare(stage, shards)
+        hasher = staging.ShardHasher(stage, shards)
         runner = options.runner
         executor = options.executor
         if method.order_dependent():  # one random stream across tensors: in order, here, from the start
@@ -443,16 +445,26 @@ def _merge_into(recipe: Recipe, out: Path, options: MergeOptions, inputs: Inputs
             tied = _tied_locations(plan, shards) if method.order_dependent() else ()
             work = [MergeUnit(spec, u, str(stage), tuple(model_stats) if model_stats is not None else None, tied)
                     for u in todo]
-            for rec in execute(run_merge_unit, work, lambda u, _: bar.update(u.nbytes)):
+            for u in units:
+                if u.index in done:
+                    hasher.done(u)
+
+            def merged(unit: MergeUnit, rec: dict) -> None:
+                bar.update(unit.nbytes)
+                hasher.done(unit.range)
+
+            for rec in execute(run_merge_unit, work, merged):
                 done[rec["index"]] = rec
-    except WorkerLost:
-        raise  # interrupted, not wrong: the finished units stay staged for the rerun to resume
-    except MergeError:
-        shutil.rmtree(stage, ignore_errors=True)  # bad input: nothing of this plan is worth resuming
-        raise
+    except BaseException as exc:
+        if hasher is not None:
+            hasher.close()
+        if isinstance(exc, MergeError) and not isinstance(exc, WorkerLost):
+            shutil.rmtree(stage, ignore_errors=True)  # bad input: nothing of this plan is worth resuming
+        raise  # interrupted (a signal, a lost worker): the finished units stay staged for the rerun
 
     diag = _diagnostics(labels, plan, [done[u.index] for u in units])
-    shard_hashes = _shard_hashes(stage, shards)
+    assert hasher is not None
+    shard_hashes = hasher.result()
     if (text := index_text(shards)) is not None:
         (stage / "model.safetensors.index.json").write_text(text)
         shard_hashes["model.safetensors.index.json"] = sha256_file(stage / "model.safetensors.index.json")
@@ -482,15 +494,6 @@ def _diagnostics(labels: list[str], plan: Plan, records: list[dict]) -> Diagnost
                 members = tuple(t["members"]) if t["members"] is not None else None
                 diag.add(t["name"], t["gram"], t["coefficients"], members=members)
     return diag
-
-
-def _shard_hashes(stage: Path, shards) -> dict[str, str]:
-    """sha256 of every shard, the files read on threads (hashing releases the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(min(4, len(shards))) as pool:
-        digests = pool.map(lambda s: sha256_file(stage / s.filename), shards)
-        return {s.filename: d for s, d in zip(shards, digests)}
 
 
 def _report(recipe: Recipe, inputs: Inputs, diag: Diagnostics, model_stats: list[float] | None) -> MergeReport:

@@ -128,3 +128,84 @@ def finish(stage: Path) -> None:
     for rec in (stage / "units").glob("*"):
         rec.unlink()
     (stage / "units").rmdir()
+
+
+class ShardHasher:
+    """The sha256 of every staged shard, computed on a thread while the merge runs: as soon as a
+    shard's bytes are complete from its start up to some point (its header, then units finishing
+    in any order), that prefix is hashed, so the finalize step waits for little more than the last
+    unit's range rather than reading every shard again."""
+
+    def __init__(self, stage: Path, shards: list[_Shard]):
+        import threading
+
+        self._stage = stage
+        self._next = {s.filename: 0 for s in shards}          # hashed up to here
+        self._size = {s.filename: len(shard_prefix(s)) + s.nbytes for s in shards}
+        self._first = {s.filename: len(shard_prefix(s)) for s in shards}  # the header is written at once
+        self._ready: dict[str, dict[int, int]] = {s.filename: {0: self._first[s.filename]} for s in shards}
+        self._hash = {s.filename: hashlib.sha256() for s in shards}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shard-hash", daemon=True)
+        self._thread.start()
+
+    def done(self, unit: UnitRange) -> None:
+        """``unit``'s range of its shard is final."""
+        with self._cond:
+            self._ready[unit.file][unit.start] = unit.end
+            self._cond.notify()
+
+    def _take(self) -> tuple[str, int, int] | None:
+        for file, pos in self._next.items():
+            end = self._ready[file].get(pos)
+            if end is not None:
+                return file, pos, end
+        return None
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    job = self._take()
+                    while job is None and not self._closed:
+                        self._cond.wait()
+                        job = self._take()
+                    if job is None:
+                        return
+                    file, lo, hi = job
+                    del self._ready[file][lo]
+                with open(self._stage / file, "rb") as fh:
+                    fh.seek(lo)
+                    left = hi - lo
+                    while left > 0:
+                        chunk = fh.read(min(READ_CHUNK, left))
+                        if not chunk:
+                            raise OSError(f"{self._stage / file}: shorter than planned")
+                        self._hash[file].update(chunk)
+                        left -= len(chunk)
+                with self._cond:
+                    self._next[file] = hi
+        except BaseException as exc:  # noqa: BLE001 - reported by result()
+            self._error = exc
+
+    def result(self) -> dict[str, str]:
+        """Every shard's sha256, once every unit was reported ``done``."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        short = [f for f, pos in self._next.items() if pos != self._size[f]]
+        if short:
+            raise RuntimeError(f"shard hashes incomplete: {short}")
+        return {f: h.hexdigest() for f, h in self._hash.items()}
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._ready = {f: {} for f in self._ready}
+            self._cond.notify()
+        self._thread.join()
