@@ -16,6 +16,7 @@ from .io import ModelReader
 from .loading import Workspace, load_compute, load_compute_flat, name_nonfinite
 from .methods.base import MergeMethod
 from .reduce import CHUNK
+from .tensor_merge import ranged
 
 
 def task_vector_statistics(method: MergeMethod, indices: list[int], base: ModelReader, models: list[ModelReader],
@@ -28,7 +29,7 @@ def task_vector_statistics(method: MergeMethod, indices: list[int], base: ModelR
     out: list[dict[str, float]] = [{} for _ in indices]
     for name in names:
         rows = shared_rows.get(name)
-        if rows is None and method.elementwise() and base.tensors[name].numel > 2 * CHUNK:
+        if rows is None and method.elementwise() and base.tensors[name].numel > 2 * CHUNK and ranged(base, *models):
             _chunked(method, indices, base, models, name, device, cast_dtype, ws, out)
             if progress is not None:
                 progress(base.tensors[name].nbytes * (1 + len(indices)))

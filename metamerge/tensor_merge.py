@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .diagnostics import fsum_gram, gram, gram_blocks
+from .io import ModelReader
 from .loading import Workspace, load_compute, load_compute_flat, name_nonfinite
 from .methods import TensorJob
 from .methods.base import MergeOutput
@@ -42,7 +43,13 @@ def chunked(inputs, name: str) -> bool:
     plan, method = inputs.plan, inputs.method
     return (method.elementwise() and method.task_vectors and inputs.base_reader is not None
             and not plan.sources and plan.extend_from is None and name not in plan.shared_rows
-            and numel(plan.out_shapes[name]) > 2 * CHUNK)
+            and numel(plan.out_shapes[name]) > 2 * CHUNK and ranged(inputs.base_reader, *inputs.readers))
+
+
+def ranged(*readers) -> bool:
+    """Whether every reader reads byte ranges of its files (a plain safetensors folder); other
+    input kinds (an adapter computing its update) are merged whole."""
+    return all(type(r) is ModelReader for r in readers)
 
 
 def merge_tensor(inputs, name: str, ws: Workspace, device: torch.device, model_stats: list[float] | None,

@@ -7,6 +7,7 @@ compared byte for byte with the same merge run in this process with one worker.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -218,22 +219,34 @@ def _cli(recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def test_sigkill_mid_merge_then_the_rerun_resumes_to_identical_bytes(medium, tmp_path):
+def _kill_after(proc: subprocess.Popen, tmp_path: Path, records: int, sig: int) -> int:
+    """Send ``sig`` to the merge once ``records`` units are recorded in its staging directory."""
+    deadline = time.monotonic() + 300  # a guard against hanging, not a timing assertion
+    done = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = sum(1 for s in tmp_path.glob(".out.stage-*") for _ in (s / "units").glob("*.json"))
+        if done >= records:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.002)
+    return done
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_mid_merge_then_the_rerun_resumes_to_identical_bytes(sig, medium, tmp_path):
     reference = tmp_path / "ref"
     one_worker(metagpt(medium), reference)
     recipe = write_recipe(tmp_path / "r.yaml", metagpt(medium))
     out = tmp_path / "out"
     proc = _cli(recipe, out)
-    deadline = time.monotonic() + 300  # a guard against hanging, not a timing assertion
-    done = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = sum(1 for s in tmp_path.glob(".out.stage-*") for _ in (s / "units").glob("*.json"))
-        if done >= 5:
-            proc.kill()
-            break
-        time.sleep(0.002)
-    proc.communicate()
-    assert done >= 5 and proc.returncode == -signal.SIGKILL
+    done = _kill_after(proc, tmp_path, 5, sig)
+    _, err = proc.communicate()
+    assert done >= 5
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:  # one line, and the finished units kept for the rerun
+        assert proc.returncode == 143, err
+        assert err.strip() == "error: stopped by SIGTERM; the output was not written (rerun the same command to resume)"
     assert not out.exists() and len(list(tmp_path.glob(".out.stage-*"))) == 1
 
     rerun = _cli(recipe, out)
@@ -244,6 +257,29 @@ def test_sigkill_mid_merge_then_the_rerun_resumes_to_identical_bytes(medium, tmp
     assert k >= 5 and n > k and line == f"resuming: {k}/{n} units already complete"
     assert files(out) == files(reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml", "ref"]  # nothing left beside OUT
+
+
+def test_a_damaged_staged_unit_is_merged_again(medium, tmp_path):
+    """A recorded range whose bytes no longer match its sha256 (a torn write, a bad disk) is not
+    trusted: the rerun merges that unit again."""
+    reference = tmp_path / "ref"
+    one_worker(metagpt(medium), reference)
+    recipe = write_recipe(tmp_path / "r.yaml", metagpt(medium))
+    out = tmp_path / "out"
+    proc = _cli(recipe, out)
+    _kill_after(proc, tmp_path, 5, signal.SIGKILL)
+    proc.communicate()
+    (stage,) = tmp_path.glob(".out.stage-*")
+    rec = json.loads((stage / "units" / "000001.json").read_text())
+    with open(stage / rec["file"], "r+b") as fh:
+        fh.seek(rec["start"])
+        fh.write(b"\xff\xff")
+    rerun = _cli(recipe, out)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err
+    k = int(next(x for x in err.splitlines() if x.startswith("resuming: ")).split()[1].split("/")[0])
+    assert k >= 4
+    assert files(out) == files(reference)
 
 
 def test_another_recipe_never_reuses_staged_units(medium, tmp_path):
