@@ -401,6 +401,8 @@ def _merge_into(recipe: Recipe, out: Path, options: MergeOptions, inputs: Inputs
         hasher = staging.ShardHasher(stage, shards)
         runner = options.runner
         executor = options.executor
+        if device.type == "cuda" and executor.kind == "local" and executor.n_workers is None:
+            executor = ExecutorConfig(kind="local", n_workers=1)  # one process drives the GPU
         if method.order_dependent():  # one random stream across tensors: in order, here, from the start
             runner, executor = None, ExecutorConfig(kind="local", n_workers=1)
             done = {}
