@@ -46,9 +46,10 @@ def test_backoff_is_exponential():
     assert download.retry_delay_seconds == [2, 4, 8, 16]
 
 
-def test_an_io_error_is_retried_and_succeeds(tiny_models, prefect_server, monkeypatch):
+def test_an_io_error_is_retried_and_succeeds(tiny_models, prefect_server, monkeypatch, tmp_path):
     import metamerge.refs
 
+    monkeypatch.setenv("METAMERGE_CACHE_DIR", str(tmp_path / "cache"))  # files hashed for real, not cached
     pins = counting(monkeypatch, steps, "pin")
     counting(monkeypatch, metamerge.refs, "sha256_file", OSError(errno.EIO, "Input/output error"))
     pinned = run_download(str(tiny_models["base"]))
