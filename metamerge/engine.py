@@ -32,7 +32,7 @@ from .modelcard import render_model_card
 from .norms import task_vector_statistics
 from .progress import progress_bar
 from .recipe import Recipe
-from .refs import BackgroundHashes, ModelRef, ResolvedModel, resolve, sha256_file
+from .refs import BackgroundHashes, ModelRef, ResolvedModel, resolve, sha256_file, with_base
 from .report import REPORT_FILE, MergeReport
 from .slices import plan_slices, slices_of
 
@@ -116,6 +116,8 @@ def open_inputs(recipe: Recipe, options: MergeOptions,
             # Local folders without a pinned revision are hashed later, beside the merge.
             defer = options.hash_inputs and "@" not in ref and ModelRef.parse(ref).is_local()
             resolved[ref] = resolve(ref, hash_files=options.hash_inputs and not defer)
+        if resolved[ref].adapter and resolved[ref].base_path is None:  # a bare adapter folder: over the base
+            resolved[ref] = with_base(resolved[ref], pin(recipe.base_model) if recipe.base_model else None)
         return resolved[ref]
 
     method_cls = get_method(recipe.merge_method)
