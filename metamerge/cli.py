@@ -37,6 +37,8 @@ def _merge(args) -> int:
                            max_shard_size=args.max_shard_size, progress=not args.no_progress, wait=args.wait)
     with open(args.recipe, encoding="utf-8") as fh:
         text = fh.read()
+    if args.as_adapter:
+        return _merge_adapter(recipe, args, options, text)
     result = merge(recipe, args.out_dir, options, recipe_text=text, dry_run=args.dry_run)
     plan = result.plan
     if args.dry_run:
@@ -47,6 +49,20 @@ def _merge(args) -> int:
     print(f"wrote {result.out_dir} ({len(plan.names)} tensors, {plan.total_bytes / 1e6:.1f} MB)")
     assert result.report is not None  # a merge that wrote OUT_DIR has a report
     for ref, c in result.report.coefficients.items():
+        print(f"  {ref}: {c:.6f}")
+    return 0
+
+
+def _merge_adapter(recipe, args, options, text: str) -> int:
+    from .adapter_out import merge_to_adapter
+
+    result = merge_to_adapter(recipe, args.out_dir, options, recipe_text=text, dry_run=args.dry_run)
+    if args.dry_run:
+        print(json.dumps({"ok": True, "method": recipe.merge_method, "as_adapter": True,
+                          "modules": result.modules}, indent=2))
+        return 0
+    print(f"wrote {result.out_dir} (LoRA adapter: {result.modules} modules, rank up to {result.rank}, exact)")
+    for ref, c in result.coefficients.items():
         print(f"  {ref}: {c:.6f}")
     return 0
 
@@ -76,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: fail at once)")
     m.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt checkpoints (pickle can run code)")
     m.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 2GB or 500MB (default 5GB)")
+    m.add_argument("--as-adapter", action="store_true", help="write one PEFT LoRA adapter equal to the merge "
+                   "(linear, task_arithmetic, metagpt over LoRA adapters only; exact, ranks concatenated)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     for flag, meaning in MERGEKIT_FLAGS.items():
         m.add_argument(flag, action="store_true", help=f"accepted for mergekit compatibility: {meaning}")
