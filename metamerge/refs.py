@@ -80,6 +80,15 @@ class ResolvedModel:
                        base_revision=self.base_revision)
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ResolvedModel:
+        """The inverse of ``to_dict`` (the pipeline passes pinned models between steps as JSON)."""
+        base = d.get("base_path")
+        return cls(ref=d["ref"], path=Path(d["path"]), revision=d["revision"], source=d["source"],
+                   files=dict(d.get("files") or {}), adapter=bool(d.get("adapter")),
+                   base_path=Path(base) if base else None, base_ref=d.get("base_ref"),
+                   base_revision=d.get("base_revision"))
+
 
 def with_base(model: ResolvedModel, base: ResolvedModel | None) -> ResolvedModel:
     """An adapter given as a bare folder, applied to the recipe's base (a copy; others unchanged)."""

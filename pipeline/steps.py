@@ -55,8 +55,7 @@ def pin(ref: str, log: Log = quiet) -> dict:
 
 
 def resolved(pins: dict[str, dict]) -> dict[str, ResolvedModel]:
-    return {ref: ResolvedModel(ref=d["ref"], path=Path(d["path"]), revision=d["revision"], source=d["source"],
-                               files=dict(d.get("files", {}))) for ref, d in pins.items()}
+    return {ref: ResolvedModel.from_dict(d) for ref, d in pins.items()}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from tests.models import build_tokenizer, make_model, perturb, save
+from models import build_tokenizer, make_model, perturb, save
 
 
 @dataclass
-class AdapterSpec:
+class LoraSpec:
     """How one test adapter is built: a PEFT ``LoraConfig``'s arguments and a seed for its factors."""
 
     name: str
@@ -23,23 +23,24 @@ class AdapterSpec:
 
 
 ADAPTERS = [
-    AdapterSpec("plain", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, seed=11),
-    AdapterSpec("rslora", {"r": 2, "lora_alpha": 16, "use_rslora": True,
+    LoraSpec("plain", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, seed=11),
+    LoraSpec("rslora", {"r": 2, "lora_alpha": 16, "use_rslora": True,
                            "target_modules": ["q_proj", "o_proj", "down_proj"],
                            "rank_pattern": {"down_proj": 3}, "alpha_pattern": {"layers.1.self_attn.q_proj": 5}},
                 seed=12),
-    AdapterSpec("saved", {"r": 3, "lora_alpha": 6, "target_modules": ["up_proj", "k_proj"],
+    LoraSpec("saved", {"r": 3, "lora_alpha": 6, "target_modules": ["up_proj", "k_proj"],
                           "modules_to_save": ["lm_head"]}, seed=13),
 ]
 
 
-def peft_model(base_dir: Path, spec: AdapterSpec):
+def peft_model(base_dir: Path, spec: LoraSpec):
     """The base with ``spec``'s adapter attached, every factor seeded random (B too: PEFT starts B
     at zero, which would make every update zero) and a saved module perturbed."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(spec.seed)  # PEFT draws A from the global generator
     model = get_peft_model(base, LoraConfig(**spec.config))
     gen = torch.Generator().manual_seed(spec.seed)
     with torch.no_grad():
@@ -49,7 +50,7 @@ def peft_model(base_dir: Path, spec: AdapterSpec):
     return model.eval()
 
 
-def build_adapter(base_dir: Path, out: Path, spec: AdapterSpec) -> Path:
+def build_adapter(base_dir: Path, out: Path, spec: LoraSpec) -> Path:
     model = peft_model(base_dir, spec)
     model.save_pretrained(out)
     return out
