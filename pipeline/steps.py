@@ -38,9 +38,10 @@ from .store import Log, merge_dir, quiet, read_json, stored, task_vector_dir, wr
 def check_inputs(params: Params) -> None:
     """Fail before any work if the recipe names a local folder that is not there."""
     for ref in input_refs(params):
-        m = ModelRef.parse(ref)
-        if m.is_local() and not Path(m.name).expanduser().is_dir():
-            raise InputError(f"{params.source}: model '{ref}': no such directory {Path(m.name).absolute()}")
+        for part in ref.split("+"):  # BASE+ADAPTER: both parts
+            m = ModelRef.parse(part)
+            if m.is_local() and not Path(m.name).expanduser().is_dir():
+                raise InputError(f"{params.source}: model '{ref}': no such directory {Path(m.name).absolute()}")
 
 
 def pin(ref: str, log: Log = quiet) -> dict:

@@ -270,3 +270,17 @@ def test_cli_as_adapter(lora, tmp_path, capsys):
     assert "LoRA adapter: " in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "adapter_config.json", "adapter_merge.json", "adapter_model.safetensors", "merge_recipe.yaml"]
+
+
+def test_the_watcher_picks_up_adapter_folders(lora, tmp_path):
+    from pipeline.params import load_params
+    from pipeline.watch import watched_additions
+
+    watched = tmp_path / "watched"
+    shutil.copytree(lora["adapters"]["plain"], watched / "new-lora")
+    shutil.copytree(lora["full"], watched / "new-full")
+    (watched / "notes").mkdir()  # neither a model nor an adapter
+    params = load_params({"recipe": recipe(lora, "metagpt", [str(lora["adapters"]["rslora"])]),
+                          "pipeline": {"output_root": str(tmp_path / "out"), "device": "cpu",
+                                       "watch": [{"dir": str(watched)}]}}, check_files=False)
+    assert [a["model"] for a in watched_additions(params)] == [str(watched / "new-full"), str(watched / "new-lora")]
