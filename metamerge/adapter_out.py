@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +31,10 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_directory, out_lock
 from .device import resolve_device
-from .engine import RECIPE_FILE, MergeOptions, _refuse_out_over_input, compute_statistics, open_inputs
+from .engine import RECIPE_FILE, TOKENIZER_GLOBS, MergeOptions, _refuse_out_over_input, compute_statistics, open_inputs
 from .errors import MergeError
 from .io.adapter import AdapterReader
+from .io.untrusted import own_file
 from .lora import ADAPTER_CONFIG, PREFIX, load_factors
 from .methods import TensorJob
 from .recipe import Recipe
@@ -133,6 +135,10 @@ def merge_to_adapter(recipe: Recipe, out_dir: str | Path, options: MergeOptions 
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / RECIPE_FILE).write_text(recipe_text if recipe_text is not None else recipe.to_yaml())
+        for pattern in TOKENIZER_GLOBS:  # the tokenizer too, so the folder is loadable on its own
+            for tok in sorted(inputs.tokenizer.path.glob(pattern)):
+                if own_file(inputs.tokenizer.path, tok):
+                    shutil.copyfile(tok, tmp / tok.name)
         means = {ref: sum(v) / len(v) for ref, v in sums.items() if v}
         report = {"method": recipe.merge_method, "as_adapter": True, "exact": True,
                   "modules": len(ranks), "rank": max(ranks.values()), "ranks": dict(sorted(ranks.items())),

@@ -268,8 +268,9 @@ def test_cli_as_adapter(lora, tmp_path, capsys):
     path.write_text(yaml.safe_dump(recipe(lora, "metagpt", [str(p) for p in list(lora["adapters"].values())[:2]])))
     assert main(["merge", str(path), str(tmp_path / "out"), "--as-adapter", "--no-progress", "--device", "cpu"]) == 0
     assert "LoRA adapter: " in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "adapter_config.json", "adapter_merge.json", "adapter_model.safetensors", "merge_recipe.yaml"]
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "adapter_merge.json", "merge_recipe.yaml",
+            "tokenizer.json"} <= files and not any(f.startswith("model") for f in files)
 
 
 def test_the_watcher_picks_up_adapter_folders(lora, tmp_path):
@@ -284,3 +285,23 @@ def test_the_watcher_picks_up_adapter_folders(lora, tmp_path):
                           "pipeline": {"output_root": str(tmp_path / "out"), "device": "cpu",
                                        "watch": [{"dir": str(watched)}]}}, check_files=False)
     assert [a["model"] for a in watched_additions(params)] == [str(watched / "new-full"), str(watched / "new-lora")]
+
+
+def test_evaluation_loads_an_adapter_output_onto_its_base(lora, tmp_path):
+    """The --as-adapter output, scored by the evaluation package (loaded onto the base named in its
+    config), scores as the full merged model does."""
+    from evaluation import evaluate_model
+
+    rec = recipe(lora, "metagpt", [str(lora["adapters"]["plain"]), str(lora["adapters"]["rslora"])])
+    as_adapter(rec, tmp_path / "adapter")
+    run_merge(rec, tmp_path / "full")
+    gen = torch.Generator().manual_seed(1)
+    lines = [json.dumps({"prompt": " ".join(f"w{int(i)}" for i in torch.randint(4, 60, (6,), generator=gen)),
+                         "completion": f" w{int(torch.randint(4, 60, (1,), generator=gen))}"}) for _ in range(12)]
+    (tmp_path / "task.jsonl").write_text("\n".join(lines) + "\n")
+    sets = {"task": tmp_path / "task.jsonl"}
+    a = evaluate_model(tmp_path / "adapter", sets, device="cpu", progress=False)["task"]
+    f = evaluate_model(tmp_path / "full", sets, device="cpu", progress=False)["task"]
+    base = evaluate_model(lora["base"], sets, device="cpu", progress=False)["task"]
+    assert a.loss == pytest.approx(f.loss, rel=1e-6) and a.exact_match == f.exact_match
+    assert abs(a.loss - base.loss) > 1e-3  # the adapter was applied
