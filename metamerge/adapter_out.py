@@ -31,18 +31,30 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_directory, out_lock
 from .device import resolve_device
-from .engine import RECIPE_FILE, TOKENIZER_GLOBS, MergeOptions, _refuse_out_over_input, compute_statistics, open_inputs
+from .engine import (
+    PROVENANCE,
+    RECIPE_FILE,
+    TOKENIZER_GLOBS,
+    MergeOptions,
+    _provenance,
+    _refuse_out_over_input,
+    compute_statistics,
+    open_inputs,
+)
 from .errors import MergeError
 from .io.adapter import AdapterReader
 from .io.untrusted import own_file
 from .lora import ADAPTER_CONFIG, PREFIX, load_factors
 from .methods import TensorJob
+from .modelcard import render_model_card
 from .recipe import Recipe
-from .refs import ResolvedModel
+from .refs import BackgroundHashes, ResolvedModel
+from .report import REPORT_FILE, MergeReport
 
 METHODS = ("linear", "task_arithmetic", "metagpt")
 WEIGHTS = "adapter_model.safetensors"
-REPORT = "adapter_merge.json"
+ADAPTER_NOTE = ("\nThis is a PEFT LoRA adapter (`metamerge merge --as-adapter`), exact: load it with "
+                "`PeftModel.from_pretrained(base, this_folder)`.\n")
 
 
 @dataclass
@@ -131,20 +143,31 @@ def merge_to_adapter(recipe: Recipe, out_dir: str | Path, options: MergeOptions 
     if not ranks:
         raise MergeError("--as-adapter: every coefficient is 0, so the merge is the base; there is no adapter to write")
     config = _config(recipe, inputs, adapters, ranks, fif.pop() if fif else False)
-    with out_lock(out, wait=options.wait), atomic_directory(out, overwrite=options.overwrite) as tmp:
+    means = {ref: sum(v) / len(v) for ref, v in sums.items() if v}
+    labels = [m.ref for m in inputs.models]
+    whole: dict = {"output": "lora_adapter", "exact": True, "ranks": dict(sorted(ranks.items()))}
+    whole.update(method.model_report(model_stats, labels) or {"coefficients_mean": means})
+    report = MergeReport(method=recipe.merge_method, models=labels, base=inputs.base.ref if inputs.base else None,
+                         parameters=recipe.parameters, granularity=method.report_fields().get("granularity"),
+                         dtype=recipe.dtype, out_dtype="float32", model=whole)
+    pinned: list[ResolvedModel | None] = [inputs.base, *inputs.models, inputs.tokenizer]
+    with out_lock(out, wait=options.wait), BackgroundHashes(pinned if options.hash_inputs else []) as hashes, \
+            atomic_directory(out, overwrite=options.overwrite) as tmp:
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / RECIPE_FILE).write_text(recipe_text if recipe_text is not None else recipe.to_yaml())
         for pattern in TOKENIZER_GLOBS:  # the tokenizer too, so the folder is loadable on its own
             for tok in sorted(inputs.tokenizer.path.glob(pattern)):
                 if own_file(inputs.tokenizer.path, tok):
                     shutil.copyfile(tok, tmp / tok.name)
-        means = {ref: sum(v) / len(v) for ref, v in sums.items() if v}
-        report = {"method": recipe.merge_method, "as_adapter": True, "exact": True,
-                  "modules": len(ranks), "rank": max(ranks.values()), "ranks": dict(sorted(ranks.items())),
-                  "coefficients_mean": means, "model_statistics": model_stats,
-                  "inputs": [m.to_dict() for m in inputs.models]}
-        (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        hashes.wait()
+        # the side files of a full merge (recipe, report, card, provenance), so the registry and
+        # the audit treat the adapter like any merge output
+        (tmp / RECIPE_FILE).write_text(recipe_text if recipe_text is not None else recipe.to_yaml())
+        (tmp / REPORT_FILE).write_text(report.to_json())
+        (tmp / "README.md").write_text(render_model_card(recipe, report, inputs) + ADAPTER_NOTE)
+        provenance = _provenance(tmp, recipe, inputs, {}, resolve_device(options.device))
+        provenance["output"] = "lora_adapter"
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     return AdapterMergeResult(out, len(ranks), max(ranks.values()), means)
 
 

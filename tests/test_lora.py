@@ -269,8 +269,8 @@ def test_cli_as_adapter(lora, tmp_path, capsys):
     assert main(["merge", str(path), str(tmp_path / "out"), "--as-adapter", "--no-progress", "--device", "cpu"]) == 0
     assert "LoRA adapter: " in capsys.readouterr().out
     files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "adapter_merge.json", "merge_recipe.yaml",
-            "tokenizer.json"} <= files and not any(f.startswith("model") for f in files)
+    assert {"adapter_config.json", "adapter_model.safetensors", "merge_report.json", "merge_recipe.yaml",
+            "provenance.json", "README.md", "tokenizer.json"} <= files and not any(f.startswith("model") for f in files)
 
 
 def test_the_watcher_picks_up_adapter_folders(lora, tmp_path):
@@ -305,3 +305,22 @@ def test_evaluation_loads_an_adapter_output_onto_its_base(lora, tmp_path):
     base = evaluate_model(lora["base"], sets, device="cpu", progress=False)["task"]
     assert a.loss == pytest.approx(f.loss, rel=1e-6) and a.exact_match == f.exact_match
     assert abs(a.loss - base.loss) > 1e-3  # the adapter was applied
+
+
+def test_the_registry_registers_an_adapter_output_with_its_lineage(lora, tmp_path):
+    from modelregistry.config import RegistryConfig
+    from modelregistry.register import register_merge
+
+    plain, rslora = str(lora["adapters"]["plain"]), f"{lora['base']}+{lora['adapters']['rslora']}"
+    as_adapter(recipe(lora, "metagpt", [plain, rslora]), tmp_path / "adapter")
+    config = RegistryConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}", experiment_name="lora",
+                            model_name="lora-merge")
+    res = register_merge(tmp_path / "adapter", {}, {}, {"git_commit": "0" * 40}, config, gate=False)
+    version = config.client().get_model_version("lora-merge", res.version)
+    tags = version.tags
+    assert tags["output"] == "lora_adapter"
+    roles = {tags[f"input.{i}.ref"]: i for i in range(3)}
+    assert tags[f"input.{roles[plain]}.adapter_base"] == str(lora["base"])  # a bare folder: the recipe's base
+    assert tags[f"input.{roles[rslora]}.adapter_base"] == str(lora["base"])
+    assert tags[f"input.{roles[str(lora['base'])]}.role"] == "base"
+    assert all(len(tags[f"input.{i}.revision"]) == 64 for i in range(3))  # content hashes, pinned
