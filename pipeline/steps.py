@@ -214,7 +214,7 @@ def evaluate(params: Params, model_dir: str | Path, revision: str, log: Log = qu
         log(f"evaluate {Path(model_dir).name} on {', '.join(params.pipeline.eval_sets)}")
         scores = evaluate_model(model_dir, params.pipeline.eval_sets, device=params.pipeline.device,
                                 batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                with_exact_match=e.exact_match, progress=False)
+                                with_exact_match=e.exact_match, progress=False, base_dir=_adapter_base(params))
         for t, s in scores.items():
             em = "-" if s.exact_match is None else f"{s.exact_match:.3f}"
             log(f"  {t}: loss {s.loss:.4f}, exact match {em}")
@@ -222,6 +222,15 @@ def evaluate(params: Params, model_dir: str | Path, revision: str, log: Log = qu
 
     return stored(params, "evals", eval_key(params, revision), "scores", f"evaluate {Path(model_dir).name}", log,
                   compute, model=str(model_dir), revision=revision)
+
+
+def _adapter_base(params: Params) -> str | None:
+    """Where a LoRA adapter being evaluated (an expert given as an adapter folder) finds its base:
+    the recipe's base when it is a plain local folder, else the adapter's own config names it."""
+    base = params.recipe.base_model
+    if base and "+" not in base and "@" not in base and Path(base).expanduser().is_dir():
+        return str(Path(base).expanduser())
+    return None
 
 
 def benchmark(params: Params, model_dir: str | Path, revision: str, log: Log = quiet) -> dict[str, dict]:

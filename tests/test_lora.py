@@ -324,3 +324,32 @@ def test_the_registry_registers_an_adapter_output_with_its_lineage(lora, tmp_pat
     assert tags[f"input.{roles[rslora]}.adapter_base"] == str(lora["base"])
     assert tags[f"input.{roles[str(lora['base'])]}.role"] == "base"
     assert all(len(tags[f"input.{i}.revision"]) == 64 for i in range(3))  # content hashes, pinned
+
+
+def test_same_bytes_on_one_and_two_threads(tmp_path):
+    """Adapter tensors past ATen's parallel grain (256 x 256): the merge and the --as-adapter
+    output are the same bytes with 1 and 2 threads (factor norms are fixed-order sums)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models import build_tokenizer, save
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    base = save(LlamaForCausalLM(cfg).eval(), tmp_path / "base", dtype=torch.float32, tokenizer=build_tokenizer())
+    refs = [str(build_adapter(base, tmp_path / f"a{i}", LoraSpec(f"a{i}", {"r": 8 + i, "lora_alpha": 16,
+                                                                           "target_modules": ["q_proj", "down_proj"]},
+                                                                 50 + i))) for i in range(2)]
+    rec = {"merge_method": "metagpt", "base_model": str(base), "models": [{"model": r} for r in refs]}
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            run_merge(rec, tmp_path / f"full{n}")
+            as_adapter(rec, tmp_path / f"adapter{n}")
+            outs.append([(tmp_path / f"{kind}{n}" / f).read_bytes() for kind, f in
+                         (("full", "model.safetensors"), ("adapter", "adapter_model.safetensors"))])
+    finally:
+        torch.set_num_threads(before)
+    assert outs[0] == outs[1]
