@@ -114,7 +114,7 @@ def open_inputs(recipe: Recipe, options: MergeOptions,
     def pin(ref: str) -> ResolvedModel:
         if ref not in resolved:
             # Local folders without a pinned revision are hashed later, beside the merge.
-            defer = options.hash_inputs and "@" not in ref and ModelRef.parse(ref).is_local()
+            defer = options.hash_inputs and "@" not in ref and "+" not in ref and ModelRef.parse(ref).is_local()
             resolved[ref] = resolve(ref, hash_files=options.hash_inputs and not defer)
         if resolved[ref].adapter and resolved[ref].base_path is None:  # a bare adapter folder: over the base
             resolved[ref] = with_base(resolved[ref], pin(recipe.base_model) if recipe.base_model else None)

@@ -105,6 +105,8 @@ def test_metagpt_over_adapter_folders_and_base_plus_adapter(lora, tmp_path):
     prov = json.loads((tmp_path / "b" / "provenance.json").read_text())
     adapters = [i for i in prov["inputs"] if i.get("adapter")]
     assert len(adapters) == 3 and all(i["base_path"] == str(lora["base"]) for i in adapters)
+    base_rev = next(i["revision"] for i in prov["inputs"] if i["role"] == "base")
+    assert all(i["base_revision"] == base_rev and len(base_rev) == 64 for i in adapters)  # BASE of BASE+ADAPTER pinned
 
 
 def test_metagpt_lambdas_exact_from_factors_alone(lora, tmp_path):
