@@ -8,9 +8,13 @@ with one coefficient per adapter and tensor; when every ``tau_t`` is a LoRA upda
 
 so the output adapter's factors are the inputs' concatenated (its rank is the sum of their ranks)
 with the coefficients and scales folded into ``B``, and its scaling is 1 (``lora_alpha = r`` per
-module). It is exact: no truncation. The coefficients are the method's own: each is read off the
-method's ``merge`` applied to one-hot stand-ins for the task vectors (``_coefficients``), which for
-these methods (linear in the task vectors) gives exactly the weights their merge uses.
+module). It is exact: no truncation, unless ``--rank K`` asks for at most K per module: then each
+module's update is replaced by its best rank-K approximation (truncated SVD computed from the
+factors), which is approximate, and the relative error is written to the report and printed.
+
+The coefficients are the method's own: each is read off the method's ``merge`` applied to one-hot
+stand-ins for the task vectors (``_coefficients``), which for these methods (linear in the task
+vectors) gives exactly the weights their merge uses.
 
 What is not a sum of low-rank updates is refused with one line, before anything is written: another
 method (sparsification, sign election and interpolation are not low rank), a full fine-tune,
@@ -21,6 +25,7 @@ linear weights that do not sum to 1 (the base would be scaled), a narrowing ``dt
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -63,13 +68,17 @@ class AdapterMergeResult:
     modules: int
     rank: int                                   # the largest module rank of the output
     coefficients: dict[str, float] = field(default_factory=dict)  # per input, averaged over modules
+    truncation_error: float | None = None       # --rank: ||exact - written|| / ||exact|| over truncated modules
 
 
 def merge_to_adapter(recipe: Recipe, out_dir: str | Path, options: MergeOptions | None = None, *,
                      recipe_text: str | None = None, dry_run: bool = False,
-                     resolved: dict[str, ResolvedModel] | None = None) -> AdapterMergeResult:
-    """Merge the adapters of ``recipe`` into one LoRA adapter in ``out_dir`` (atomically)."""
+                     resolved: dict[str, ResolvedModel] | None = None, rank: int | None = None) -> AdapterMergeResult:
+    """Merge the adapters of ``recipe`` into one LoRA adapter in ``out_dir`` (atomically). ``rank``:
+    keep at most that rank per module (truncated SVD, approximate; the error is reported)."""
     options = options or MergeOptions()
+    if rank is not None and rank < 1:
+        raise MergeError(f"--rank {rank}: the rank kept per module must be at least 1")
     if recipe.merge_method not in METHODS:
         raise MergeError(f"--as-adapter: {recipe.merge_method} is not a weighted sum of the task vectors, so its "
                          f"result is not a LoRA; use {', '.join(METHODS)}, or merge to a full model")
@@ -118,6 +127,7 @@ def merge_to_adapter(recipe: Recipe, out_dir: str | Path, options: MergeOptions 
         model_stats = [fsum(s.values()) for s in stats]
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    errors: dict[str, tuple[float, float]] = {}  # module -> (||kept||^2, ||exact||^2) under --rank
     sums: dict[str, list[float]] = {m.ref: [] for m in inputs.models}
     for name in targets:
         coeffs = _coefficients(method, name, adapters, model_stats)
@@ -137,15 +147,27 @@ def merge_to_adapter(recipe: Recipe, out_dir: str | Path, options: MergeOptions 
         if not bs:
             continue  # every coefficient is 0: no update to this tensor
         keys = ("lora_embedding_A", "lora_embedding_B") if kind else ("lora_A.weight", "lora_B.weight")
-        tensors[f"{PREFIX}{module}.{keys[0]}"] = torch.cat(as_, dim=0).float().contiguous()
-        tensors[f"{PREFIX}{module}.{keys[1]}"] = torch.cat(bs, dim=1).float().contiguous()
-        ranks[module] = sum(a.shape[0] for a in as_)
+        b_cat, a_cat = torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+        if rank is not None and a_cat.shape[0] > rank:
+            b_cat, a_cat, kept, total = truncate(b_cat, a_cat, rank)
+            errors[module] = (kept, total)
+        tensors[f"{PREFIX}{module}.{keys[0]}"] = a_cat.float().contiguous()
+        tensors[f"{PREFIX}{module}.{keys[1]}"] = b_cat.float().contiguous()
+        ranks[module] = a_cat.shape[0]
     if not ranks:
         raise MergeError("--as-adapter: every coefficient is 0, so the merge is the base; there is no adapter to write")
     config = _config(recipe, inputs, adapters, ranks, fif.pop() if fif else False)
     means = {ref: sum(v) / len(v) for ref, v in sums.items() if v}
     labels = [m.ref for m in inputs.models]
-    whole: dict = {"output": "lora_adapter", "exact": True, "ranks": dict(sorted(ranks.items()))}
+    whole: dict = {"output": "lora_adapter", "exact": not errors, "ranks": dict(sorted(ranks.items()))}
+    relative_error = None
+    if errors:
+        total = math.fsum(t for _, t in errors.values())
+        lost = math.fsum(t - k for k, t in errors.values())
+        relative_error = math.sqrt(max(lost, 0.0) / total) if total else 0.0
+        whole["truncation"] = {  # ||exact - kept||_F / ||exact||_F of the truncated modules' updates
+            "rank": rank, "relative_error": relative_error,
+            "modules": {m: math.sqrt(max(t - k, 0.0) / t) if t else 0.0 for m, (k, t) in sorted(errors.items())}}
     whole.update(method.model_report(model_stats, labels) or {"coefficients_mean": means})
     report = MergeReport(method=recipe.merge_method, models=labels, base=inputs.base.ref if inputs.base else None,
                          parameters=recipe.parameters, granularity=method.report_fields().get("granularity"),
@@ -168,7 +190,19 @@ def merge_to_adapter(recipe: Recipe, out_dir: str | Path, options: MergeOptions 
         provenance = _provenance(tmp, recipe, inputs, {}, resolve_device(options.device))
         provenance["output"] = "lora_adapter"
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-    return AdapterMergeResult(out, len(ranks), max(ranks.values()), means)
+    return AdapterMergeResult(out, len(ranks), max(ranks.values()), means, relative_error)
+
+
+def truncate(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """The best rank-``rank`` approximation of ``B @ A`` (Frobenius norm, Eckart-Young) as factors,
+    from the factors alone: ``B = Qb Rb``, ``A^T = Qa Ra``, SVD of the small core ``Rb Ra^T``. Returns
+    the new ``B``, ``A`` and the squared norms of the kept and of the exact update (float64)."""
+    qb, rb = torch.linalg.qr(b.to(torch.float64))
+    qa, ra = torch.linalg.qr(a.to(torch.float64).T)
+    u, sv, vh = torch.linalg.svd(rb @ ra.T)
+    kept = sv[:rank]
+    return (qb @ u[:, :rank]) * kept, (qa @ vh[:rank].T).T, math.fsum((kept ** 2).tolist()), \
+        math.fsum((sv ** 2).tolist())
 
 
 def _common_base(inputs) -> Path:

@@ -270,6 +270,11 @@ def test_cli_as_adapter(lora, tmp_path, capsys):
     path.write_text(yaml.safe_dump(recipe(lora, "metagpt", [str(p) for p in list(lora["adapters"].values())[:2]])))
     assert main(["merge", str(path), str(tmp_path / "out"), "--as-adapter", "--no-progress", "--device", "cpu"]) == 0
     assert "LoRA adapter: " in capsys.readouterr().out
+    assert main(["merge", str(path), str(tmp_path / "k"), "--as-adapter", "--rank", "2", "--no-progress"]) == 0
+    assert "APPROXIMATE: rank truncated, relative error" in capsys.readouterr().out
+    assert main(["merge", str(path), str(tmp_path / "full"), "--rank", "2"]) == 2
+    assert "error: --rank applies to --as-adapter only" in capsys.readouterr().err
+    assert_nothing_written(tmp_path / "full")
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "merge_report.json", "merge_recipe.yaml",
             "provenance.json", "README.md", "tokenizer.json"} <= files and not any(f.startswith("model") for f in files)
@@ -355,3 +360,34 @@ def test_same_bytes_on_one_and_two_threads(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert outs[0] == outs[1]
+
+
+def test_rank_k_is_the_best_rank_k_approximation_and_reports_its_error(lora, tmp_path):
+    """--rank 3 (the exact merge has rank 6 on q_proj): each module's update is its truncated SVD,
+    compared with an SVD of the float64 expected update computed here; the reported error too."""
+    names = ["plain", "rslora"]
+    rec = recipe(lora, "metagpt", [str(lora["adapters"][n]) for n in names])
+    result = merge_to_adapter(parse_recipe(rec), tmp_path / "a", MergeOptions(device="cpu", progress=False), rank=3)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["r"] == 3
+    want = expected(lora, names, metagpt_lambdas(lora, names))
+    merged = peft_full(lora["base"], tmp_path / "a").merge_and_unload().state_dict()
+    lost = total = 0.0
+    truncated = {}
+    for k, v in want.items():
+        d = v - lora["base_weights"][k]
+        if not d.abs().max() > 0:
+            continue
+        u, sv, vh = torch.linalg.svd(d)
+        if int((sv > 1e-12 * sv[0]).sum()) > 3:  # modules whose exact update has rank > 3
+            best = (u[:, :3] * sv[:3]) @ vh[:3]
+            lost, total = lost + float((sv[3:] ** 2).sum()), total + float((sv ** 2).sum())
+            truncated[k] = float((sv[3:] ** 2).sum() / (sv ** 2).sum()) ** 0.5
+        else:
+            best = d
+        torch.testing.assert_close(merged[k] - lora["base_weights"][k], best, rtol=0, atol=1e-6, msg=k)
+    assert truncated and result.truncation_error == pytest.approx((lost / total) ** 0.5, rel=1e-9)
+    report = json.loads((tmp_path / "a" / "merge_report.json").read_text())["model"]
+    assert report["exact"] is False and report["truncation"]["rank"] == 3
+    assert {f"{m}.weight": e for m, e in report["truncation"]["modules"].items()} == pytest.approx(truncated, rel=1e-9)
+    assert 0 < result.truncation_error < 1
