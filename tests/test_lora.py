@@ -391,3 +391,18 @@ def test_rank_k_is_the_best_rank_k_approximation_and_reports_its_error(lora, tmp
     assert report["exact"] is False and report["truncation"]["rank"] == 3
     assert {f"{m}.weight": e for m, e in report["truncation"]["modules"].items()} == pytest.approx(truncated, rel=1e-9)
     assert 0 < result.truncation_error < 1
+
+
+@pytest.mark.parametrize("part,fragment", [("lora_A.weight", "adapter tensor"), ("lm_head.weight", "lm_head.weight")])
+def test_a_damaged_adapter_is_named(lora, tmp_path, part, fragment):
+    bad = tmp_path / "bad"
+    shutil.copytree(lora["adapters"]["saved"], bad)
+    state = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in sorted(state) if k.endswith(part))
+    state[key][0, 0] = float("nan")
+    save_file(state, bad / "adapter_model.safetensors")
+    with pytest.raises(MergeError) as info:
+        run_merge(recipe(lora, "metagpt", [str(bad)]), tmp_path / "out")
+    msg = str(info.value)
+    assert "NaN" in msg and fragment in msg and ("adapter_model.safetensors" in msg or key in msg), msg
+    assert_nothing_written(tmp_path / "out")

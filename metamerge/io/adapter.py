@@ -21,6 +21,7 @@ factors) for callers that can use the update directly.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,6 +46,8 @@ class AdapterReader(ModelReader):
         self.spec = lora.parse_adapter(lora.read_config(self.path, label), self.weights.tensors,
                                        self.base.tensors, label)
         self.tensors: dict[str, TensorInfo] = dict(self.base.tensors)
+        for name, key in self.spec.full.items():  # a replaced tensor lives in the adapter's file
+            self.tensors[name] = replace(self.tensors[name], file=self.weights.tensors[key].file)
         named = self.spec.base_model_name
         if named and base_ref and not _same_model(named, base_ref, self.base_path):
             warnings.warn(f"{label}: adapter_config.json says it was trained on '{named}', but it is applied to "
