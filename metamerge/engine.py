@@ -117,7 +117,8 @@ def open_inputs(recipe: Recipe, options: MergeOptions,
             defer = options.hash_inputs and "@" not in ref and "+" not in ref and ModelRef.parse(ref).is_local()
             resolved[ref] = resolve(ref, hash_files=options.hash_inputs and not defer)
         if resolved[ref].adapter and resolved[ref].base_path is None:  # a bare adapter folder: over the base
-            resolved[ref] = with_base(resolved[ref], pin(recipe.base_model) if recipe.base_model else None)
+            base = resolved[ref] if ref == recipe.base_model else pin(recipe.base_model) if recipe.base_model else None
+            resolved[ref] = with_base(resolved[ref], base)  # (an adapter as base_model is refused there)
         return resolved[ref]
 
     method_cls = get_method(recipe.merge_method)

@@ -406,3 +406,10 @@ def test_a_damaged_adapter_is_named(lora, tmp_path, part, fragment):
     msg = str(info.value)
     assert "NaN" in msg and fragment in msg and ("adapter_model.safetensors" in msg or key in msg), msg
     assert_nothing_written(tmp_path / "out")
+
+
+def test_an_adapter_as_base_model_is_refused(lora, tmp_path):
+    rec = {"merge_method": "metagpt", "base_model": str(lora["adapters"]["plain"]), "models": [{"model": str(lora["full"])}]}
+    with pytest.raises(MergeError, match="is itself an adapter; write it as BASE\\+ADAPTER"):
+        run_merge(rec, tmp_path / "out")
+    assert_nothing_written(tmp_path / "out")
