@@ -413,3 +413,19 @@ def test_an_adapter_as_base_model_is_refused(lora, tmp_path):
     with pytest.raises(MergeError, match="is itself an adapter; write it as BASE\\+ADAPTER"):
         run_merge(rec, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
+
+
+def test_a_pinned_adapter_is_picklable_and_opens_in_a_worker(lora):
+    """What a scaled-out worker gets: the pinned model (pickled), opened with open_reader."""
+    import pickle
+
+    from metamerge.loading import open_reader
+    from metamerge.refs import resolve
+
+    pinned = resolve(f"{lora['base']}+{lora['adapters']['rslora']}")
+    copy = pickle.loads(pickle.dumps(pinned))
+    reader = open_reader(copy, "worker")
+    assert isinstance(reader, AdapterReader) and set(reader.tensors) == set(lora["base_weights"])
+    name = "model.layers.0.mlp.down_proj.weight"
+    torch.testing.assert_close(reader.get(name).double(), lora["weights"]["rslora"][name], rtol=0, atol=1e-7)
+    assert torch.equal(reader.get("model.norm.weight"), load_state(lora["base"])["model.norm.weight"])
