@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from metamerge.atomic import atomic_file
 
-__all__ = ["plot_scores", "plot_lambdas", "plot_cosine_heatmap", "plot_linearity"]
+__all__ = ["plot_scores", "plot_lambdas", "plot_cosine_heatmap", "plot_linearity", "plot_output_linearity"]
 
 PathLike = str | os.PathLike
 
@@ -149,7 +149,7 @@ def plot_linearity(
     losses_per_model: Mapping[str, Sequence[float]],
     path: PathLike,
     *,
-    title: str = "Loss along theta_0 + alpha * tau_t",
+    title: str = "Loss along theta_0 + alpha * tau_t (curved even when outputs are linear)",
     ylabel: str = "loss",
 ) -> Path:
     """Loss against alpha per model, with the straight chord between its end points (dashed).
@@ -172,6 +172,31 @@ def plot_linearity(
     ax.plot([], [], linestyle="--", color="grey", label="chord (linear)")
     ax.set_xlabel("alpha")
     ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    return _save(fig, path)
+
+
+def plot_output_linearity(
+    alphas: Sequence[float],
+    errors_per_model: Mapping[str, Sequence[float]],
+    path: PathLike,
+    *,
+    title: str = "Outputs along theta_0 + alpha * tau_t: distance from linear",
+) -> Path:
+    """The paper's linearity check on outputs: ``||z(alpha) - chord|| / ||z(1) - z(0)||`` against
+    alpha per model (0 at both ends by construction; 0 throughout for linear outputs)."""
+    alphas = [float(a) for a in alphas]
+    fig = Figure(figsize=(7.0, 4.5))
+    ax = fig.add_subplot()
+    for model, errs in errors_per_model.items():
+        ys = [float(v) for v in errs]
+        if len(ys) != len(alphas):
+            raise ValueError(f"plot_output_linearity: {model!r} has {len(ys)} values for {len(alphas)} alphas")
+        ax.plot(alphas, ys, marker="o", label=model)
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("||z(alpha) - chord|| / ||z(1) - z(0)||")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="best")

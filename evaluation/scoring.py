@@ -13,15 +13,17 @@ What is scored (the tokenisation) is in ``evalsets``; the greedy loop is the cor
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from metamerge.device import model_device, resolve_device
-from metamerge.errors import EvalSetError
+from metamerge.errors import EvalSetError, MergeError
 from metamerge.greedy import greedy_decode
 from metamerge.progress import progress_bar
 
@@ -235,18 +237,18 @@ def evaluate_model(
     max_new_tokens: int | None = None,
     with_exact_match: bool = True,
     progress: bool = True,
+    base_dir: PathLike | None = None,
 ) -> dict[str, TaskScores]:
-    """Load a saved model (float32, no remote code) and score it on every task's eval set.
+    """Load a saved model (float32, no remote code) and score it on every task's eval set. A PEFT
+    LoRA adapter folder is loaded onto its base (``base_dir``, else the adapter's
+    ``base_model_name_or_path``), see ``load_model``.
 
     All eval sets are read before the model is loaded, so a malformed file fails fast. Returns
     ``{task: TaskScores}`` in the order of ``eval_sets``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     examples = load_eval_sets(eval_sets)
     run_device = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
+    model, tokenizer = load_model(model_dir, base_dir)
     model.to(run_device)
     try:
         return {
@@ -259,3 +261,30 @@ def evaluate_model(
         del model
         if run_device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def load_model(model_dir: PathLike, base_dir: PathLike | None = None):
+    """The model saved in ``model_dir`` and its tokenizer, float32, no remote code.
+
+    A LoRA adapter folder (``adapter_config.json``: an input adapter, or ``metamerge merge
+    --as-adapter``'s output) is loaded onto its base with PEFT and merged into it
+    (``merge_and_unload``), so it is scored exactly as the full model it stands for. The base is
+    ``base_dir``, else the adapter's ``base_model_name_or_path``; the tokenizer is the folder's own
+    when it has one, else the base's.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    config = model_dir / "adapter_config.json"
+    if not config.is_file():
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False), tokenizer
+    from peft import PeftModel
+
+    base = base_dir or json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise MergeError(f"{model_dir}: a LoRA adapter that names no base model; give the base to evaluate it on")
+    has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir if has_tokenizer else base, trust_remote_code=False)
+    full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=False)
+    return PeftModel.from_pretrained(full, model_dir).merge_and_unload(), tokenizer

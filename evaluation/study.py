@@ -86,7 +86,8 @@ def markdown_table(rows: dict[str, dict[str, float | None]], tasks: list[str], *
 
 def linearity_error(alphas: list[float], losses: list[float]) -> float:
     """Largest gap between the loss curve and its chord from alpha=0 to 1, relative to the chord's
-    rise: 0 for a straight line (the paper's NTK-linearity assumption), large when it bends."""
+    rise: 0 for a straight line. This is the loss's shape, not the paper's assumption: the loss is
+    curved along alpha even when the outputs are exactly linear (see ``output_linearity_error``)."""
     a0, a1 = alphas[0], alphas[-1]
     l0, l1 = losses[0], losses[-1]
     chord = [l0 + (l1 - l0) * (a - a0) / (a1 - a0) for a in alphas]
@@ -94,9 +95,51 @@ def linearity_error(alphas: list[float], losses: list[float]) -> float:
     return max(abs(loss - c) for loss, c in zip(losses, chord)) / scale
 
 
+def output_linearity_error(alphas: list[float], outputs: list) -> tuple[float, list[float]]:
+    """The paper's linearity check (its Figure 3 is on outputs): for each alpha,
+    ``||z(alpha) - (z(0) + alpha (z(1) - z(0)))|| / ||z(1) - z(0)||`` with ``z`` the model's outputs
+    (logits, any shape, the same at every alpha); returns the max over alpha and the list.
+    ``alphas`` must start at 0 and end at 1. Norms in float64. 0 when the outputs are exactly linear
+    along the task vector; the *loss* along alpha is curved even then, so its chord error
+    (``linearity_error``) is no test of this assumption."""
+    import torch
+
+    if alphas[0] != 0 or alphas[-1] != 1:
+        raise ValueError("output_linearity_error: alphas must run from 0 to 1")
+    z = [torch.as_tensor(o, dtype=torch.float64) for o in outputs]
+    rise = z[-1] - z[0]
+    scale = float(torch.linalg.vector_norm(rise)) or 1.0
+    errs = [float(torch.linalg.vector_norm(zi - (z[0] + a * rise))) / scale for a, zi in zip(alphas, z)]
+    return max(errs), errs
+
+
+def output_linearity(base_dir, finetune_dir, examples: list[dict], alphas=ALPHAS) -> tuple[float, list[float]]:
+    """``output_linearity_error`` of ``theta_0 + alpha * tau_t`` on ``examples``: the logits at
+    every position of each example's tokens (prompt and answer, as the evaluation tokenizes them),
+    all examples together. One example at a time (no padding in the logits). Small models only."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evalsets import encode, special_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(finetune_dir)
+    bos, eos = special_ids(tokenizer)
+    ids = [encode(tokenizer, ex, bos=bos, eos=eos).ids for ex in examples]
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tuned = AutoModelForCausalLM.from_pretrained(finetune_dir, dtype=torch.float32).state_dict()
+    outputs = []
+    with torch.no_grad():
+        for alpha in alphas:
+            model.load_state_dict({k: base[k] + alpha * (tuned[k].float() - base[k]) for k in base})
+            outputs.append(torch.cat([model(torch.tensor([x])).logits[0].double().reshape(-1) for x in ids]))
+    return output_linearity_error(list(alphas), outputs)
+
+
 def linearity_curve(base_dir, finetune_dir, examples: list[dict], alphas=ALPHAS,
                     *, batch_size: int = 32) -> list[float]:
-    """Loss on ``examples`` of ``theta_0 + alpha * tau_t`` for each alpha (the paper's linearity check).
+    """Loss on ``examples`` of ``theta_0 + alpha * tau_t`` for each alpha (shown beside the output
+    check; curved even for a model whose outputs are linear along tau_t).
 
     Small models only: both state dicts are held in memory.
     """

@@ -11,7 +11,7 @@ import json
 import sys
 import warnings
 
-from .errors import run_cli
+from .errors import MergeError, run_cli
 
 # mergekit-yaml flags that change nothing here, accepted so that a mergekit command line runs as is:
 # what each means in metamerge, said once on stderr.
@@ -42,6 +42,10 @@ def _merge(args) -> int:
                            executor=executor, use_cache=not args.no_cache, unit_bytes=parse_size(args.unit_size))
     with open(args.recipe, encoding="utf-8") as fh:
         text = fh.read()
+    if args.as_adapter:
+        return _merge_adapter(recipe, args, options, text)
+    if args.rank is not None:
+        raise MergeError("--rank applies to --as-adapter only (the rank of the adapter written)")
     result = merge(recipe, args.out_dir, options, recipe_text=text, dry_run=args.dry_run)
     plan = result.plan
     if args.dry_run:
@@ -52,6 +56,22 @@ def _merge(args) -> int:
     print(f"wrote {result.out_dir} ({len(plan.names)} tensors, {plan.total_bytes / 1e6:.1f} MB)")
     assert result.report is not None  # a merge that wrote OUT_DIR has a report
     for ref, c in result.report.coefficients.items():
+        print(f"  {ref}: {c:.6f}")
+    return 0
+
+
+def _merge_adapter(recipe, args, options, text: str) -> int:
+    from .adapter_out import merge_to_adapter
+
+    result = merge_to_adapter(recipe, args.out_dir, options, recipe_text=text, dry_run=args.dry_run, rank=args.rank)
+    if args.dry_run:
+        print(json.dumps({"ok": True, "method": recipe.merge_method, "as_adapter": True,
+                          "modules": result.modules}, indent=2))
+        return 0
+    how = "exact" if result.truncation_error is None else \
+        f"APPROXIMATE: rank truncated, relative error {result.truncation_error:.3e} of the truncated updates"
+    print(f"wrote {result.out_dir} (LoRA adapter: {result.modules} modules, rank up to {result.rank}, {how})")
+    for ref, c in result.coefficients.items():
         print(f"  {ref}: {c:.6f}")
     return 0
 
@@ -81,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: fail at once)")
     m.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt checkpoints (pickle can run code)")
     m.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 2GB or 500MB (default 5GB)")
+    m.add_argument("--as-adapter", action="store_true", help="write one PEFT LoRA adapter equal to the merge "
+                   "(linear, task_arithmetic, metagpt over LoRA adapters only; exact, ranks concatenated)")
+    m.add_argument("--rank", type=int, default=None, metavar="K", help="with --as-adapter: keep at most rank K per "
+                   "module (truncated SVD: approximate, the error is reported)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     m.add_argument("--workers", "-j", type=int, default=None, metavar="N",
                    help="merge on N local worker processes (default: the number of cores; 1 = this process)")

@@ -34,7 +34,7 @@ from .modelcard import render_model_card
 from .norms import task_vector_statistics
 from .progress import progress_bar
 from .recipe import Recipe
-from .refs import BackgroundHashes, ModelRef, ResolvedModel, model_files, resolve, sha256_file
+from .refs import BackgroundHashes, ModelRef, ResolvedModel, model_files, resolve, sha256_file, with_base
 from .report import REPORT_FILE, MergeReport
 from .slices import plan_slices, slices_of
 from .units import MergeSpec, MergeUnit, NormUnit, run_merge_unit, run_norm_unit, statistic_total
@@ -126,8 +126,11 @@ def open_inputs(recipe: Recipe, options: MergeOptions,
     def pin(ref: str) -> ResolvedModel:
         if ref not in resolved:
             # Local folders without a pinned revision are hashed later, beside the merge.
-            defer = options.hash_inputs and "@" not in ref and ModelRef.parse(ref).is_local()
+            defer = options.hash_inputs and "@" not in ref and "+" not in ref and ModelRef.parse(ref).is_local()
             resolved[ref] = resolve(ref, hash_files=options.hash_inputs and not defer)
+        if resolved[ref].adapter and resolved[ref].base_path is None:  # a bare adapter folder: over the base
+            base = resolved[ref] if ref == recipe.base_model else pin(recipe.base_model) if recipe.base_model else None
+            resolved[ref] = with_base(resolved[ref], base)  # (an adapter as base_model is refused there)
         return resolved[ref]
 
     method_cls = get_method(recipe.merge_method)

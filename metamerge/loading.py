@@ -13,6 +13,7 @@ import torch
 from . import shapes
 from .errors import MergeError
 from .io import ModelReader
+from .io.adapter import AdapterReader
 from .refs import ResolvedModel
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -22,7 +23,14 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def open_reader(model: ResolvedModel, label: str, *, allow_pickle: bool = False) -> ModelReader:
     """The one way an input model is opened for reading: the engine, the statistic pass and every
     worker of a scaled-out merge call this with the pinned model (a small, picklable value), so an
-    input kind added here (e.g. an adapter over a base) works in all of them."""
+    input kind added here works in all of them. A LoRA adapter is read over its base as the full
+    model it stands for (``io/adapter.py``)."""
+    if model.adapter:
+        if model.base_path is None:
+            raise MergeError(f"{label} is a LoRA adapter with no base to apply it to; set base_model in the "
+                             "recipe or write it as BASE+ADAPTER")
+        return AdapterReader(model.base_path, model.path, label, base_ref=model.base_ref,
+                             allow_pickle=allow_pickle)
     return ModelReader(model.path, label, allow_pickle=allow_pickle)
 
 

@@ -13,6 +13,7 @@ import math
 import torch
 
 from .io import ModelReader
+from .io.adapter import AdapterReader
 from .loading import Workspace, load_compute, load_compute_flat, name_nonfinite
 from .methods.base import MergeMethod
 from .reduce import CHUNK
@@ -37,6 +38,12 @@ def task_vector_statistics(method: MergeMethod, indices: list[int], base: ModelR
         b = load_compute(base, name, device, cast_dtype, rows=rows, workspace=ws, slot="base")
         globals_, per = method.resolve(name)
         for k, (index, reader) in enumerate(zip(indices, models)):
+            if _lora_sqnorm_applies(method, globals_, reader, base, name, rows, cast_dtype):
+                # LoRA hook (issue 15): this task vector is exactly s * B @ A: its squared norm from
+                # the factors (an r x r computation, float64), the update is never materialised.
+                assert isinstance(reader, AdapterReader)
+                out[k][name] = reader.factor_sqnorm(name)
+                continue
             tau = load_compute(reader, name, device, cast_dtype, rows=rows, workspace=ws, slot="model").sub_(b)
             value = method.tensor_statistic(name, index, method.sparsify(name, index, tau, per[index], globals_))
             if not math.isfinite(value):  # NaN/Inf in either input propagates into the statistic
@@ -67,3 +74,15 @@ def _chunked(method: MergeMethod, indices: list[int], base: ModelReader, models:
         if not math.isfinite(value):
             raise name_nonfinite([base, reader], name, "task vector of")
         out[k][name] = value
+
+
+def _lora_sqnorm_applies(method: MergeMethod, globals_, reader: ModelReader, base: ModelReader, name: str,
+                         rows: int | None, cast_dtype) -> bool:
+    """Whether the statistic of ``name`` may be taken from an adapter's factors: the statistic is the
+    squared norm, nothing sparsifies the task vector, the adapter is over this same base and changes
+    this tensor by a LoRA update only, and no narrowing ``dtype`` cast or shared-row cut applies (each
+    would change the task vector the full path measures)."""
+    return (isinstance(reader, AdapterReader) and method.model_statistic == "sqnorm"
+            and not method.sparsifies(globals_) and rows is None
+            and cast_dtype in (None, torch.float32, torch.float64) and reader.is_lora_update(name)
+            and reader.base_path.resolve() == base.path.resolve())

@@ -35,8 +35,7 @@ ParamValue = float | int | bool | str | list | dict
 
 
 def _model_ref(v: str) -> str:
-    if "+" in v:
-        raise ValueError(f"'{v}': LoRA references (model+lora) are not supported; merge the adapter first")
+    # ``BASE+ADAPTER`` (a LoRA adapter over a base, mergekit's syntax) is resolved in refs.py
     if not v.strip():
         raise ValueError("empty model reference")
     return v.strip()
@@ -53,7 +52,7 @@ class ModelEntry(BaseModel):
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
-    _no_lora = field_validator("model")(_model_ref)
+    _ref = field_validator("model")(_model_ref)
 
 
 class SliceSource(BaseModel):
@@ -64,7 +63,7 @@ class SliceSource(BaseModel):
     layer_range: tuple[int, int]
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
-    _no_lora = field_validator("model")(_model_ref)
+    _ref = field_validator("model")(_model_ref)
     _params = field_validator("parameters", mode="before")(_no_params)
 
     @field_validator("layer_range")

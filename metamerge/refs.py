@@ -13,7 +13,7 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import InputError, TransientSourceError
@@ -21,7 +21,7 @@ from .io.untrusted import own_file
 
 # Files a merge needs from a model repository; nothing else is downloaded.
 ALLOW_PATTERNS = [
-    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "adapter_config.json",
     "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "added_tokens.json",
     "chat_template*",
 ]
@@ -54,17 +54,52 @@ class ModelRef:
 
 @dataclass
 class ResolvedModel:
-    """A reference pinned to files on disk."""
+    """A reference pinned to files on disk.
+
+    A PEFT adapter (a folder with ``adapter_config.json``) has ``adapter`` set, ``path`` its folder
+    and ``base_path``/``base_ref`` the base it is applied to: from ``BASE+ADAPTER``, or attached from
+    the recipe's ``base_model`` (``with_base``). Everything an ``AdapterReader`` needs is here, so a
+    worker opens one from this value alone.
+    """
 
     ref: str
     path: Path
     revision: str
     source: str  # "local" or "hub"
     files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256 (when hashed)
+    adapter: bool = False
+    base_path: Path | None = None
+    base_ref: str | None = None
+    base_revision: str | None = None
 
     def to_dict(self) -> dict:
-        return {"ref": self.ref, "path": str(self.path), "revision": self.revision,
-                "source": self.source, "files": dict(sorted(self.files.items()))}
+        out: dict = {"ref": self.ref, "path": str(self.path), "revision": self.revision,
+                     "source": self.source, "files": dict(sorted(self.files.items()))}
+        if self.adapter:
+            out.update(adapter=True, base_ref=self.base_ref, base_path=str(self.base_path) if self.base_path else None,
+                       base_revision=self.base_revision)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ResolvedModel:
+        """The inverse of ``to_dict`` (the pipeline passes pinned models between steps as JSON)."""
+        base = d.get("base_path")
+        return cls(ref=d["ref"], path=Path(d["path"]), revision=d["revision"], source=d["source"],
+                   files=dict(d.get("files") or {}), adapter=bool(d.get("adapter")),
+                   base_path=Path(base) if base else None, base_ref=d.get("base_ref"),
+                   base_revision=d.get("base_revision"))
+
+
+def with_base(model: ResolvedModel, base: ResolvedModel | None) -> ResolvedModel:
+    """An adapter given as a bare folder, applied to the recipe's base (a copy; others unchanged)."""
+    if not model.adapter or model.base_path is not None:
+        return model
+    if base is None:
+        raise InputError(f"model '{model.ref}' is a LoRA adapter and the recipe has no base_model to apply it to; "
+                         "set base_model or write the model as BASE+ADAPTER")
+    if base.adapter:
+        raise InputError(f"base_model '{base.ref}' is itself an adapter; write it as BASE+ADAPTER")
+    return replace(model, base_path=base.path, base_ref=base.ref, base_revision=base.revision)
 
 
 def sha256_file(path: Path) -> str:
@@ -109,8 +144,21 @@ def known_model_hash(path: Path) -> str | None:
 def resolve(text: str, *, hash_files: bool = True, token: str | None = None) -> ResolvedModel:
     """Pin a reference to local files, downloading from the hub when it is not a local path.
 
-    ``token`` defaults to ``HF_TOKEN`` from the environment and is never logged.
+    ``token`` defaults to ``HF_TOKEN`` from the environment and is never logged. ``BASE+ADAPTER``
+    (mergekit's syntax) pins both: the adapter, with its base attached.
     """
+    if "+" in text:
+        base_text, _, adapter_text = text.partition("+")
+        if not base_text.strip() or not adapter_text.strip() or "+" in adapter_text:
+            raise InputError(f"model '{text}': write a LoRA reference as BASE+ADAPTER (one '+')")
+        base = resolve(base_text.strip(), hash_files=hash_files, token=token)
+        adapter = resolve(adapter_text.strip(), hash_files=hash_files, token=token)
+        if base.adapter:
+            raise InputError(f"model '{text}': '{base_text}' is an adapter, not a base model; write BASE+ADAPTER")
+        if not adapter.adapter:
+            raise InputError(f"model '{text}': '{adapter_text}' has no adapter_config.json, so it is not a PEFT "
+                             "adapter; give a LoRA adapter after '+'")
+        return replace(adapter, ref=text, base_path=base.path, base_ref=base.ref, base_revision=base.revision)
     ref = ModelRef.parse(text)
     if ref.is_local():
         path = Path(ref.name).expanduser().absolute()
@@ -125,7 +173,8 @@ def resolve(text: str, *, hash_files: bool = True, token: str | None = None) -> 
             raise InputError(
                 f"model '{text}': local content hash is {digest[:12]}, not '{ref.revision}'; "
                 "the folder changed since the recipe was pinned")
-        return ResolvedModel(ref=text, path=path, revision=digest, source="local", files=files)
+        return ResolvedModel(ref=text, path=path, revision=digest, source="local", files=files,
+                             adapter=is_adapter(path))
     return _resolve_hub(ref, text, hash_files=hash_files, token=token)
 
 
@@ -191,7 +240,12 @@ def _resolve_hub_once(ref: ModelRef, text: str, *, hash_files: bool, token: str 
     from .cache import file_sha256  # a hub blob is named by its sha256: nothing to hash
 
     files = {p.name: file_sha256(p, sha256_file) for p in model_files(path)} if hash_files else {}
-    return ResolvedModel(ref=text, path=path, revision=commit, source="hub", files=files)
+    return ResolvedModel(ref=text, path=path, revision=commit, source="hub", files=files, adapter=is_adapter(path))
+
+
+def is_adapter(path: Path) -> bool:
+    """A PEFT adapter folder: it has ``adapter_config.json`` (see ``lora.py``)."""
+    return own_file(path, path / "adapter_config.json")
 
 
 def _hub_offline() -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +193,7 @@ def format_audit(report: Mapping[str, Any]) -> str:
 
 def _pin_input(item: Mapping[str, Any], override: str | None):
     """Resolve one recorded input and check it against the recorded revision."""
-    from metamerge.refs import ModelRef, ResolvedModel, resolve
+    from metamerge.refs import ModelRef, resolve
 
     ref, recorded = item["ref"], item.get("revision")
     if item.get("source") == "hub" and not override:
@@ -212,7 +213,7 @@ def _pin_input(item: Mapping[str, Any], override: str | None):
                          f"{str(recorded)[:12]} (changed: {', '.join(changed) or 'unknown'}); restore the recorded files")
     if recorded_files and changed:
         raise MergeError(f"input '{ref}' at {where}: files differ from the recorded hashes ({', '.join(changed)})")
-    return ResolvedModel(ref=ref, path=r.path, revision=r.revision, source=r.source, files=r.files)
+    return replace(r, ref=ref)  # an adapter stays one (its base comes from the recipe)
 
 
 def _recorded_recipe(provenance: Mapping[str, Any], text: str | None):

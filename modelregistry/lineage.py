@@ -79,12 +79,15 @@ def lineage_tags(lineage: Mapping[str, Any], provenance: Mapping[str, Any], prov
     tags["recipe_sha256"] = str(provenance.get("recipe_sha256", ""))
     tags["provenance_sha256"] = provenance_sha256
     tags["tokenizer_source"] = str(provenance.get("tokenizer_source", ""))
+    tags["output"] = str(provenance.get("output", "model"))  # "lora_adapter": merge --as-adapter
     for i, item in enumerate(provenance.get("inputs", [])):
         p = f"input.{i}."
         tags[p + "role"] = str(item.get("role", ""))
         tags[p + "ref"] = str(item.get("ref", ""))
         tags[p + "revision"] = str(item.get("revision", ""))
         tags[p + "source"] = str(item.get("source", ""))
+        if item.get("adapter"):  # a LoRA adapter: the base it was applied to is part of its lineage
+            tags[p + "adapter_base"] = str(item.get("base_ref") or "")
         files = item.get("files") or {}
         if files:
             tags[p + "files_sha256"] = files_digest(files)

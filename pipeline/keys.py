@@ -116,7 +116,7 @@ def norms_key(params: Params, pins: dict[str, dict], ref: str, device: str) -> s
     m = method(params)
     index = next(i for i, e in enumerate(m.entries) if e.model == ref)
     return "norms-" + digest({
-        "base": pins[r.base_model]["revision"], "model": pins[ref]["revision"],
+        "base": pins[r.base_model]["revision"], "model": pinned_revision(pins[ref]),
         **m.statistics_key(index), "device": device, "code": code_version("engine"),
     })
 
@@ -125,7 +125,7 @@ def merge_key(params: Params, pins: dict[str, dict], device: str | None = None) 
     """The recipe, every input's pinned revision, the code and what changes output bytes."""
     return "merge-" + digest({
         "recipe": params.recipe.sha256(),
-        "inputs": {ref: pins[ref]["revision"] for ref in input_refs(params)},
+        "inputs": {ref: pinned_revision(pins[ref]) for ref in input_refs(params)},
         "device": device or device_type(params), "max_shard_size": params.pipeline.max_shard_size,
         "code": code_version("engine"),
     })
@@ -133,8 +133,15 @@ def merge_key(params: Params, pins: dict[str, dict], device: str | None = None) 
 
 def task_vector_key(params: Params, pins: dict[str, dict], ref: str) -> str:
     """tau_t depends on the base and fine-tune revisions, the recipe's dtype and the code only."""
-    return "tv-" + digest({"base": pins[params.recipe.base_model]["revision"], "model": pins[ref]["revision"],
+    return "tv-" + digest({"base": pins[params.recipe.base_model]["revision"], "model": pinned_revision(pins[ref]),
                            "dtype": params.recipe.dtype, "code": code_version("engine")})
+
+
+def pinned_revision(pin: dict) -> str:
+    """What pins one input: its revision, and for ``BASE+ADAPTER`` its own base's revision too (a
+    bare adapter folder is applied to the recipe's base, whose revision every key has already)."""
+    base = pin.get("base_revision")
+    return f"{base}+{pin['revision']}" if base else pin["revision"]
 
 
 def eval_key(params: Params, revision: str, device: str | None = None) -> str:

@@ -37,9 +37,10 @@ from .store import Log, merge_dir, quiet, read_json, stored, task_vector_dir, wr
 def check_inputs(params: Params) -> None:
     """Fail before any work if the recipe names a local folder that is not there."""
     for ref in input_refs(params):
-        m = ModelRef.parse(ref)
-        if m.is_local() and not Path(m.name).expanduser().is_dir():
-            raise InputError(f"{params.source}: model '{ref}': no such directory {Path(m.name).absolute()}")
+        for part in ref.split("+"):  # BASE+ADAPTER: both parts
+            m = ModelRef.parse(part)
+            if m.is_local() and not Path(m.name).expanduser().is_dir():
+                raise InputError(f"{params.source}: model '{ref}': no such directory {Path(m.name).absolute()}")
 
 
 def pin(ref: str, log: Log = quiet) -> dict:
@@ -54,8 +55,7 @@ def pin(ref: str, log: Log = quiet) -> dict:
 
 
 def resolved(pins: dict[str, dict]) -> dict[str, ResolvedModel]:
-    return {ref: ResolvedModel(ref=d["ref"], path=Path(d["path"]), revision=d["revision"], source=d["source"],
-                               files=dict(d.get("files", {}))) for ref, d in pins.items()}
+    return {ref: ResolvedModel.from_dict(d) for ref, d in pins.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def evaluate(params: Params, model_dir: str | Path, revision: str, log: Log = qu
         log(f"evaluate {Path(model_dir).name} on {', '.join(params.pipeline.eval_sets)}")
         scores = evaluate_model(model_dir, params.pipeline.eval_sets, device=params.pipeline.device,
                                 batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                with_exact_match=e.exact_match, progress=False)
+                                with_exact_match=e.exact_match, progress=False, base_dir=_adapter_base(params))
         for t, s in scores.items():
             em = "-" if s.exact_match is None else f"{s.exact_match:.3f}"
             log(f"  {t}: loss {s.loss:.4f}, exact match {em}")
@@ -227,6 +227,15 @@ def evaluate(params: Params, model_dir: str | Path, revision: str, log: Log = qu
 
     return stored(params, "evals", eval_key(params, revision), "scores", f"evaluate {Path(model_dir).name}", log,
                   compute, model=str(model_dir), revision=revision)
+
+
+def _adapter_base(params: Params) -> str | None:
+    """Where a LoRA adapter being evaluated (an expert given as an adapter folder) finds its base:
+    the recipe's base when it is a plain local folder, else the adapter's own config names it."""
+    base = params.recipe.base_model
+    if base and "+" not in base and "@" not in base and Path(base).expanduser().is_dir():
+        return str(Path(base).expanduser())
+    return None
 
 
 def benchmark(params: Params, model_dir: str | Path, revision: str, log: Log = quiet) -> dict[str, dict]:

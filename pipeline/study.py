@@ -39,12 +39,19 @@ def linearity_key(base: str, finetuned: dict[str, str], eval_sets: dict[str, str
         "alphas": list(study.ALPHAS), "code": [code_version("evaluate"), sha256_file(Path(study.__file__))]})
 
 
-def linearity(base: str, finetuned: dict[str, str], eval_sets: dict[str, str]) -> dict[str, list[float]]:
-    """Loss of theta_0 + alpha * tau_t on task t's own set, for each alpha in ``evaluation.study.ALPHAS``."""
+def linearity(base: str, finetuned: dict[str, str], eval_sets: dict[str, str]) -> dict[str, dict]:
+    """Along theta_0 + alpha * tau_t on task t's own set, for each alpha in ``evaluation.study.ALPHAS``:
+    the logits' distance from their chord (``output_error``, the paper's check, and ``output_errors``
+    per alpha) and the loss (``losses``)."""
     from evaluation import load_eval_set, study
 
-    return {t: study.linearity_curve(base, ft, load_eval_set(eval_sets[t]), study.ALPHAS)
-            for t, ft in finetuned.items()}
+    out = {}
+    for t, ft in finetuned.items():
+        examples = load_eval_set(eval_sets[t])
+        error, errors = study.output_linearity(base, ft, examples, study.ALPHAS)
+        out[t] = {"losses": study.linearity_curve(base, ft, examples, study.ALPHAS),
+                  "output_error": error, "output_errors": errors}
+    return out
 
 
 def pipeline_settings(name: str, workdir: Path, scn: dict, registry: dict | None) -> dict[str, Any]:
@@ -61,10 +68,14 @@ def _metric_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
-def write_report(workdir: str, scn: dict, results: dict, grid: dict, oracle: str, losses: dict,
+def write_report(workdir: str, scn: dict, results: dict, grid: dict, oracle: str, lin: dict,
                  tracking_uri: str | None) -> dict:
-    """The table (markdown, JSON), plots, and an MLflow run holding them (with ``tracking_uri``)."""
+    """The table (markdown, JSON), plots, and an MLflow run holding them (with ``tracking_uri``).
+    ``lin``: ``linearity``'s result per task."""
     from evaluation import plots, study
+
+    losses = {t: v["losses"] for t, v in lin.items()}
+    out_err = {t: v["output_error"] for t, v in lin.items()}
 
     out = Path(workdir) / "study"
     out.mkdir(parents=True, exist_ok=True)
@@ -96,19 +107,26 @@ def write_report(workdir: str, scn: dict, results: dict, grid: dict, oracle: str
         "## The paper's assumptions, measured",
         f"- Orthogonality: whole-model cosine similarity of task vectors, max |off-diagonal| = "
         f"{max(off) if off else 0:.3f} (MetaGPT assumes close to 0).",
-        "- Linearity: max gap between loss(theta_0 + alpha tau_t) and its chord, relative to the rise: "
-        + ", ".join(f"{t} {e:.2f}" for t, e in lin_err.items()) + " (0 = straight line).",
+        "- Linearity of the outputs (the paper's check): max over alpha of ||z(alpha) - chord|| / "
+        "||z(1) - z(0)||, z the logits along theta_0 + alpha tau_t: "
+        + ", ".join(f"{t} {e:.2f}" for t, e in out_err.items()) + " (0 = linear outputs).",
+        "- Loss along alpha (not the assumption: curved even for linear outputs), max gap to its chord "
+        "relative to the rise: " + ", ".join(f"{t} {e:.2f}" for t, e in lin_err.items()) + ".",
         "- MetaGPT lambdas (whole model): " + ", ".join(
             f"{Path(k).name} {v:.3f}" for k, v in report.coefficients.items()), ""])
     files = {
         "study.md": write_text_atomic(out / "study.md", text),
         "study.json": write_text_atomic(out / "study.json", json.dumps(
             {"accuracy": rows, "objective": objective, "cosine": cosine, "labels": labels,
-             "linearity": {"alphas": alphas, "losses": losses, "error": lin_err},
+             "linearity": {"alphas": alphas, "output_error": out_err,
+                           "output_errors": {t: v["output_errors"] for t, v in lin.items()},
+                           "losses": losses, "loss_chord_error": lin_err},
              "oracle": oracle, "grid": {k: accuracy(v["summary"]) for k, v in grid.items()}}, indent=1)),
         "scores.png": plots.plot_scores(rows, out / "scores.png", title="Exact match per task", ylabel="accuracy"),
         "cosine.png": plots.plot_cosine_heatmap(cosine, labels, out / "cosine.png"),
         "linearity.png": plots.plot_linearity(alphas, losses, out / "linearity.png"),
+        "linearity_outputs.png": plots.plot_output_linearity(
+            alphas, {t: v["output_errors"] for t, v in lin.items()}, out / "linearity_outputs.png"),
     }
     run_id = None
     if tracking_uri:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from metamerge.errors import InputError
-from metamerge.refs import ModelRef
+from metamerge.refs import ModelRef, is_adapter
 
 from .params import Params
 
@@ -21,8 +21,9 @@ def _local_path(ref: str) -> Path | None:
 
 def watched_additions(params: Params) -> list[dict]:
     """Fine-tunes the watch list adds to the recipe: watched references not in it yet, and every
-    model folder (one with a config.json; hidden folders are skipped, as half-copied ones should
-    be named) under a watched directory."""
+    model folder (one with a config.json) and every PEFT adapter folder (adapter_config.json,
+    merged over the recipe's base) under a watched directory; hidden folders are skipped, as
+    half-copied ones should be named."""
     r = params.recipe
     known = {m.model for m in r.models} | {r.base_model}
     known_paths = {p for p in map(_local_path, filter(None, known)) if p is not None}
@@ -45,6 +46,7 @@ def watched_additions(params: Params) -> list[dict]:
         if not folder.is_dir():
             raise InputError(f"{params.source}: watched folder {folder.absolute()} does not exist")
         for sub in sorted(folder.iterdir()):
-            if sub.is_dir() and not sub.name.startswith(".") and (sub / "config.json").is_file():
+            if sub.is_dir() and not sub.name.startswith(".") and \
+                    ((sub / "config.json").is_file() or is_adapter(sub)):
                 add(str(Path(w.dir) / sub.name), w.parameters)
     return out

@@ -273,11 +273,12 @@ def test_no_weights_at_all(tiny_llama_fp32, tmp_path):
     (lambda r: r.update(vocab_policy="pad"), ["bad value for 'vocab_policy'"]),
     (lambda r: r.pop("base_model"), ["needs base_model"]),
     (lambda r: r["models"].append(dict(r["models"][0])), ["listed twice"]),
-    (lambda r: r["models"][0].update(model=r["models"][0]["model"] + "+lora"), ["LoRA", "merge the adapter first"]),
+    (lambda r: r["models"][0].update(model=r["base_model"] + "+" + r["models"][0]["model"]),
+     ["has no adapter_config.json", "not a PEFT adapter"]),
     (lambda r: r.update(tokenizer_source="union"), ["tokenizer_source: union is not supported"]),
 ], ids=["base-with-params", "zero-models", "only-base", "unknown-key", "slices", "unknown-model-key",
         "unknown-method", "unknown-param", "global-param-per-model", "density-1.5", "density-0",
-        "bad-choice", "bad-int", "bad-filter", "bad-dtype", "bad-vocab-policy", "no-base", "twice", "lora",
+        "bad-choice", "bad-int", "bad-filter", "bad-dtype", "bad-vocab-policy", "no-base", "twice", "lora-not-adapter",
         "union"])
 def test_bad_recipe(edit, fragments, tiny_llama_bf16, tmp_path):
     recipe = metagpt(tiny_llama_bf16)

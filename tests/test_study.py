@@ -41,3 +41,32 @@ def test_every_study_recipe_is_valid_and_the_comparison_is_complete():
     assert sparsified == {None, "dare", "ties", "breadcrumbs", "della"}
     assert recipes["task_arithmetic_0.3"]["parameters"]["lambda"] == 0.3
     assert "base_model" not in recipes["linear"]  # the paper's weight average of the fine-tunes
+
+
+def test_output_linearity_error_zero_on_a_line_and_exact_on_a_tent():
+    line = [[1.0, 2.0], [2.0, 2.5], [3.0, 3.0]]  # z0 + alpha * (2, 1)
+    assert study.output_linearity_error([0, 0.5, 1], line) == (0.0, [0.0, 0.0, 0.0])
+    # at alpha 0.5 the chord is (1, 0); the output is (1, 1): off by 1, over ||z1 - z0|| = 2
+    assert study.output_linearity_error([0, 0.5, 1], [[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]]) == (0.5, [0.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        study.output_linearity_error([0.1, 1], [[0.0], [1.0]])
+
+
+def test_output_linearity_of_real_models(tmp_path):
+    """A fine-tune that changes only lm_head has logits exactly linear in alpha (error ~ float32
+    rounding); one that changes an attention layer does not."""
+    import torch
+
+    from models import build_tokenizer, make_model, perturb, save
+
+    base = make_model("llama", seed=0)
+    save(base, tmp_path / "base", dtype=torch.float32, tokenizer=build_tokenizer())
+    head = perturb(base, seed=1, scale=0.5, skip=lambda n: n != "lm_head.weight")
+    save(head, tmp_path / "head", dtype=torch.float32, tokenizer=build_tokenizer())
+    attn = perturb(base, seed=2, scale=0.5, skip=lambda n: "layers.0.self_attn" not in n)
+    save(attn, tmp_path / "attn", dtype=torch.float32, tokenizer=build_tokenizer())
+    examples = [{"prompt": "w5 w6 w7", "completion": " w8 w9"}, {"prompt": "w10", "completion": " w11"}]
+    linear, errs = study.output_linearity(tmp_path / "base", tmp_path / "head", examples)
+    assert linear < 1e-5 and len(errs) == len(study.ALPHAS)
+    curved, errs = study.output_linearity(tmp_path / "base", tmp_path / "attn", examples)
+    assert curved > 1e-3 and errs[0] == 0.0 and errs[-1] < 1e-12

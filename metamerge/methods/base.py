@@ -228,6 +228,11 @@ class MergeMethod:
         one process, and does not resume (the stream cannot be re-entered midway)."""
         return False
 
+    def sparsifies(self, globals_: dict[str, Any]) -> bool:
+        """Whether ``sparsify`` may change a task vector under these global parameters (then a
+        statistic must be taken of the sparsified vector, not computed from a LoRA's factors)."""
+        return type(self).sparsify is not MergeMethod.sparsify
+
     def sparsify(self, tensor_name: str, index: int, tau: torch.Tensor,
                  params: dict[str, Any], globals_: dict[str, Any]) -> torch.Tensor:
         """The task vector of entry ``index`` this method actually uses; identity by default."""

@@ -69,6 +69,9 @@ class MetaGPT(MergeMethod):
         values = leaves(self.recipe.parameters.get("sparsify", "none"))
         return any(SPARSIFIERS[SPARSIFY[v]].random for v in values)
 
+    def sparsifies(self, globals_: dict[str, Any]) -> bool:
+        return globals_["sparsify"] != "none"
+
     def sparsify(self, tensor_name: str, index: int, tau: torch.Tensor,
                  params: dict[str, Any], globals_: dict[str, Any]) -> torch.Tensor:
         how = globals_["sparsify"]

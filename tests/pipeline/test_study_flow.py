@@ -39,9 +39,13 @@ def test_table_has_every_method_and_scores_in_range(study_result):
             assert v is not None and 0.0 <= v <= 1.0, (name, v)
     for name in expected - {"base", "experts (each on its own task)"}:
         assert f"| {name} |" in result["table"]
-    for png in ("scores.png", "cosine.png", "linearity.png"):
+    for png in ("scores.png", "cosine.png", "linearity.png", "linearity_outputs.png"):
         assert (Path(result["dir"]) / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data["linearity"]["losses"]["sort"]) == len(data["linearity"]["alphas"])
+    lin = data["linearity"]
+    for task in ("addition", "reverse", "sort", "lookup"):  # the paper's check, on outputs
+        errs = lin["output_errors"][task]
+        assert lin["output_error"][task] == max(errs) and errs[0] == 0.0 and errs[-1] < 1e-12 and max(errs) > 0
 
 
 def test_each_expert_beats_the_base_on_its_own_task(study_result):

@@ -133,8 +133,10 @@ def test_bad_parameter_value():
     refused(metagpt(parameters={"granularity": "layer"}), "'granularity' must be one of model, tensor")
 
 
-def test_lora_reference_is_refused():
-    refused(metagpt(models=[{"model": "org/ft+org/lora"}]), "LoRA references", "models.0.model")
+def test_lora_reference_is_accepted_as_written():
+    """mergekit's BASE+ADAPTER is a valid reference (resolved to an adapter over BASE in refs.py)."""
+    recipe = parse_recipe(metagpt(models=[{"model": "org/base+org/lora"}, {"model": "org/ft-b"}]))
+    assert recipe.models[0].model == "org/base+org/lora"
 
 
 def test_bad_dtype():
