@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefect import get_run_logger
@@ -41,3 +42,30 @@ def retry_if_transient(task, task_run, state) -> bool:
 
     exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
     return isinstance(exc, BaseException) and retry.is_transient(exc)
+
+
+@contextlib.contextmanager
+def one_slot(name: str) -> Iterator[None]:
+    """Hold the one slot of the Prefect global concurrency limit ``name`` (created with limit 1 on
+    first use; ``prefect gcl update NAME --limit N`` allows more): runs that share it take turns,
+    across processes and machines that talk to one Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:  # another run created it first
+                pass
+    with concurrency(name, occupy=1, strict=True):
+        yield
+
+
+def limit_name(text: str) -> str:
+    """A concurrency-limit (or artifact) key from any text: lowercase letters, digits and dashes."""
+    return "".join(c if c.isalnum() else "-" for c in f"metamerge-{text}".lower()).strip("-")[:80]
