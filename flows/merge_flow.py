@@ -105,6 +105,7 @@ def _merge(params, run: StepStates) -> dict[str, Any]:
 
     refs = keys.input_refs(params)
     pins = dict(zip(refs, run.gather([run.submit(f"download[{r}]", download, r) for r in refs])))
+    steps.check_tokenizers(params, pins)  # evaluation's tokenizers, before any merge work
 
     sqnorms = {}
     for ref in keys.fine_tunes(params):

@@ -111,7 +111,9 @@ def run_stage(stage: str, params: Params, workdir: Path) -> None:
         return
     if stage == "download":
         steps.check_inputs(params)
-        _write(workdir / "pins.json", {ref: portable_pin(steps.pin(ref, _log)) for ref in input_refs(params)})
+        pins = {ref: steps.pin(ref, _log) for ref in input_refs(params)}
+        steps.check_tokenizers(params, pins)  # evaluation's tokenizers, before any merge work
+        _write(workdir / "pins.json", {ref: portable_pin(pin) for ref, pin in pins.items()})
         return
     pins = _read(workdir / "pins.json", "download")
     tunes = fine_tunes(params)
