@@ -16,6 +16,17 @@ def log() -> Callable[[str], None]:
     return get_run_logger().info
 
 
+@contextlib.contextmanager
+def progress_to_log() -> Iterator[None]:
+    """While a task works, the core's progress (merge, norm pass, evaluation batches, training)
+    reaches the task run's log as one line per tenth of each pass (``metamerge.progress``):
+    visible in the UI and the worker's output, never as a terminal bar."""
+    from metamerge.progress import report_to
+
+    with report_to(get_run_logger().info):
+        yield
+
+
 def load(params: dict[str, Any] | Params) -> Params:
     """Tasks take params as a plain mapping (cheap to hand around, nothing to serialise) and
     re-validate it: a task never runs on a recipe that did not pass validation."""

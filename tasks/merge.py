@@ -6,7 +6,7 @@ from prefect import task
 
 from pipeline import keys, steps, store
 
-from .common import keyed, load, log
+from .common import keyed, load, log, progress_to_log
 
 
 def _merge_key(params: dict, pins: dict, sqnorms: dict | None = None) -> str:
@@ -21,4 +21,5 @@ def merge(params: dict, pins: dict, sqnorms: dict | None = None) -> dict:
 
     ``sqnorms`` are derived from the pinned inputs, so they are not part of the key.
     """
-    return steps.merge(load(params), pins, sqnorms, log=log())
+    with progress_to_log():
+        return steps.merge(load(params), pins, sqnorms, log=log())
