@@ -4,6 +4,12 @@ Figures are built with ``matplotlib.figure.Figure`` directly rather than ``pyplo
 global figure state and picks a GUI backend, neither of which a pipeline worker wants. Saving a
 bare ``Figure`` to PNG renders with Agg. Every function writes atomically (``metamerge.atomic``),
 so a tracked plot is never half written, and returns the path.
+
+Models are labelled by name, not by where they live: a reference ``/data/runs/ft-math`` shows as
+``ft-math`` and ``org/model@3f2a9c1e...`` as ``model@3f2a9c1`` (:func:`model_labels`; two models of
+one name keep as many parent folders as tells them apart). Legends sit outside the axes, to the
+right, so they never cover a bar or a line (``bbox_inches="tight"`` widens the PNG to hold them).
+Each ``plot_*`` has a ``*_figure`` twin that returns the ``Figure`` unsaved (the tests measure it).
 """
 
 from __future__ import annotations
@@ -17,11 +23,36 @@ from matplotlib.figure import Figure
 
 from metamerge.atomic import atomic_file
 
-__all__ = ["plot_scores", "plot_lambdas", "plot_cosine_heatmap", "plot_linearity", "plot_output_linearity"]
+__all__ = ["plot_scores", "plot_lambdas", "plot_cosine_heatmap", "plot_linearity", "plot_output_linearity",
+           "scores_figure", "lambdas_figure", "cosine_figure", "linearity_figure", "output_linearity_figure",
+           "model_labels"]
 
 PathLike = str | os.PathLike
 
 _MAX_NAMED_TICKS = 40  # beyond this many tensors, tick labels become unreadable: show indices
+
+
+def model_labels(refs: Sequence[str]) -> list[str]:
+    """Short, unique display names of model references (paths or hub ids with ``@revision``)."""
+    def parts(ref: str) -> tuple[list[str], str]:
+        name, _, rev = str(ref).partition("@")
+        return [p for p in name.replace("\\", "/").rstrip("/").split("/") if p] or [name], rev[:7]
+
+    split = [parts(r) for r in refs]
+    depth = [1] * len(refs)
+    while True:
+        labels = ["/".join(ps[-d:]) + (f"@{rev}" if rev else "") for (ps, rev), d in zip(split, depth)]
+        clashes = {lab for lab in labels if labels.count(lab) > 1}
+        grow = [i for i, lab in enumerate(labels) if lab in clashes and depth[i] < len(split[i][0])]
+        if not grow:
+            return labels
+        for i in grow:
+            depth[i] += 1
+
+
+def _legend_outside(ax) -> None:
+    """The legend right of the axes, top-aligned: it never hides data."""
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _save(fig: Figure, path: PathLike) -> Path:
@@ -41,14 +72,18 @@ def _mean_defined(values: Sequence[float | None]) -> float | None:
     return sum(defined) / len(defined) if defined else None
 
 
-def plot_scores(
+def plot_scores(scores_table: Mapping[str, Mapping[str, float | None]], path: PathLike, **kw) -> Path:
+    """:func:`scores_figure` saved as a PNG at ``path``."""
+    return _save(scores_figure(scores_table, **kw), path)
+
+
+def scores_figure(
     scores_table: Mapping[str, Mapping[str, float | None]],
-    path: PathLike,
     *,
     average: bool = True,
     title: str = "Scores per task",
     ylabel: str = "score",
-) -> Path:
+) -> Figure:
     """Grouped bars: one group per task (plus ``average``), one bar per method/model.
 
     ``scores_table`` is ``{method: {task: value}}`` (rows = methods, e.g. merged, base, experts or
@@ -69,25 +104,29 @@ def plot_scores(
     fig = Figure(figsize=(max(6.0, 1.2 + 0.35 * len(columns) * len(methods)), 4.5))
     ax = fig.add_subplot()
     width = 0.8 / len(methods)
-    for i, method in enumerate(methods):
+    for i, (method, label) in enumerate(zip(methods, model_labels(methods))):
         xs = [c + (i - (len(methods) - 1) / 2) * width for c in range(len(columns))]
-        ax.bar(xs, [_as_float(v) for v in values[method]], width=width, label=method)
+        ax.bar(xs, [_as_float(v) for v in values[method]], width=width, label=label)
     ax.set_xticks(range(len(columns)), columns, rotation=20 if len(columns) > 6 else 0)
     if average:
         ax.axvline(len(tasks) - 0.5, color="grey", linewidth=0.8, linestyle=":")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small", ncols=min(4, len(methods)), loc="best")
-    return _save(fig, path)
+    _legend_outside(ax)
+    return fig
 
 
-def plot_lambdas(
+def plot_lambdas(lambdas_per_tensor: Mapping[str, Mapping[str, float]], path: PathLike, **kw) -> Path:
+    """:func:`lambdas_figure` saved as a PNG at ``path``."""
+    return _save(lambdas_figure(lambdas_per_tensor, **kw), path)
+
+
+def lambdas_figure(
     lambdas_per_tensor: Mapping[str, Mapping[str, float]],
-    path: PathLike,
     *,
     title: str = "MetaGPT lambda per tensor",
-) -> Path:
+) -> Figure:
     """One line per model: its lambda at each tensor, x = tensor index in the given (layer) order.
 
     With per-tensor granularity this shows where each fine-tune dominates; with whole-model
@@ -100,26 +139,31 @@ def plot_lambdas(
     fig = Figure(figsize=(max(7.0, min(20.0, 0.15 * len(names))), 4.5))
     ax = fig.add_subplot()
     xs = list(range(len(names)))
-    for model in models:
+    for model, label in zip(models, model_labels(models)):
         ys = [_as_float(lambdas_per_tensor[n].get(model)) for n in names]
-        ax.plot(xs, ys, marker="." if len(names) <= 200 else None, linewidth=1, label=model)
+        ax.plot(xs, ys, marker="." if len(names) <= 200 else None, linewidth=1, label=label)
     if len(names) <= _MAX_NAMED_TICKS:
         ax.set_xticks(xs, names, rotation=90, fontsize="x-small")
     ax.set_xlabel("tensor (in order)")
     ax.set_ylabel("lambda")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
-    return _save(fig, path)
+    _legend_outside(ax)
+    return fig
 
 
-def plot_cosine_heatmap(
+def plot_cosine_heatmap(matrix: Sequence[Sequence[float]], labels: Sequence[str], path: PathLike,
+                        **kw) -> Path:
+    """:func:`cosine_figure` saved as a PNG at ``path``."""
+    return _save(cosine_figure(matrix, labels, **kw), path)
+
+
+def cosine_figure(
     matrix: Sequence[Sequence[float]],
     labels: Sequence[str],
-    path: PathLike,
     *,
     title: str = "Cosine similarity of task vectors",
-) -> Path:
+) -> Figure:
     """Annotated heatmap on a fixed [-1, 1] scale, so runs are comparable at a glance.
 
     MetaGPT assumes task vectors are near orthogonal: off-diagonal values far from 0 warn that its
@@ -132,8 +176,9 @@ def plot_cosine_heatmap(
     fig = Figure(figsize=(1.6 + 0.9 * n, 1.2 + 0.8 * n))
     ax = fig.add_subplot()
     image = ax.imshow(data, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
-    ax.set_xticks(range(n), labels, rotation=45, ha="right")
-    ax.set_yticks(range(n), labels)
+    names = model_labels(labels)
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
     for i in range(n):
         for j in range(n):
             value = data[i][j]
@@ -141,17 +186,22 @@ def plot_cosine_heatmap(
             ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize="small", color=color)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title)
-    return _save(fig, path)
+    return fig
 
 
-def plot_linearity(
+def plot_linearity(alphas: Sequence[float], losses_per_model: Mapping[str, Sequence[float]], path: PathLike,
+                   **kw) -> Path:
+    """:func:`linearity_figure` saved as a PNG at ``path``."""
+    return _save(linearity_figure(alphas, losses_per_model, **kw), path)
+
+
+def linearity_figure(
     alphas: Sequence[float],
     losses_per_model: Mapping[str, Sequence[float]],
-    path: PathLike,
     *,
     title: str = "Loss along theta_0 + alpha * tau_t (curved even when outputs are linear)",
     ylabel: str = "loss",
-) -> Path:
+) -> Figure:
     """Loss against alpha per model, with the straight chord between its end points (dashed).
 
     MetaGPT's derivation assumes the model is linear along its task vector; the gap between a
@@ -162,11 +212,11 @@ def plot_linearity(
         raise ValueError("plot_linearity: need at least two alphas")
     fig = Figure(figsize=(7.0, 4.5))
     ax = fig.add_subplot()
-    for model, losses in losses_per_model.items():
+    for (model, losses), label in zip(losses_per_model.items(), model_labels(list(losses_per_model))):
         ys = [float(v) for v in losses]
         if len(ys) != len(alphas):
             raise ValueError(f"plot_linearity: {model!r} has {len(ys)} losses for {len(alphas)} alphas")
-        (line,) = ax.plot(alphas, ys, marker="o", label=model)
+        (line,) = ax.plot(alphas, ys, marker="o", label=label)
         ax.plot([alphas[0], alphas[-1]], [ys[0], ys[-1]], linestyle="--", color=line.get_color(),
                 linewidth=1, alpha=0.7)
     ax.plot([], [], linestyle="--", color="grey", label="chord (linear)")
@@ -174,30 +224,35 @@ def plot_linearity(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
-    return _save(fig, path)
+    _legend_outside(ax)
+    return fig
 
 
-def plot_output_linearity(
+def plot_output_linearity(alphas: Sequence[float], errors_per_model: Mapping[str, Sequence[float]], path: PathLike,
+                          **kw) -> Path:
+    """:func:`output_linearity_figure` saved as a PNG at ``path``."""
+    return _save(output_linearity_figure(alphas, errors_per_model, **kw), path)
+
+
+def output_linearity_figure(
     alphas: Sequence[float],
     errors_per_model: Mapping[str, Sequence[float]],
-    path: PathLike,
     *,
     title: str = "Outputs along theta_0 + alpha * tau_t: distance from linear",
-) -> Path:
+) -> Figure:
     """The paper's linearity check on outputs: ``||z(alpha) - chord|| / ||z(1) - z(0)||`` against
     alpha per model (0 at both ends by construction; 0 throughout for linear outputs)."""
     alphas = [float(a) for a in alphas]
     fig = Figure(figsize=(7.0, 4.5))
     ax = fig.add_subplot()
-    for model, errs in errors_per_model.items():
+    for (model, errs), label in zip(errors_per_model.items(), model_labels(list(errors_per_model))):
         ys = [float(v) for v in errs]
         if len(ys) != len(alphas):
             raise ValueError(f"plot_output_linearity: {model!r} has {len(ys)} values for {len(alphas)} alphas")
-        ax.plot(alphas, ys, marker="o", label=model)
+        ax.plot(alphas, ys, marker="o", label=label)
     ax.set_xlabel("alpha")
     ax.set_ylabel("||z(alpha) - chord|| / ||z(1) - z(0)||")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
-    return _save(fig, path)
+    _legend_outside(ax)
+    return fig

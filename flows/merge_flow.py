@@ -21,6 +21,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 import pipeline_env  # noqa: F401  (environment defaults before Prefect loads)
 from pipeline import keys, reports, steps, store
 from pipeline.params import load_params
+from tasks.common import limit_name, one_slot
 from tasks.download import download
 from tasks.evaluate import benchmark, evaluate, report
 from tasks.merge import merge
@@ -76,28 +77,13 @@ def params_limit_name(params) -> str:
 
 @contextlib.contextmanager
 def one_at_a_time(params):
-    """Hold the one slot of :func:`params_limit_name` (created with limit 1 on first use; raise it
-    with ``prefect gcl update NAME --limit N`` to allow more) for the duration of the merge."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    name = params_limit_name(params)
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except ObjectAlreadyExists:  # another run created it first
-                pass
-    with concurrency(name, occupy=1, strict=True):
+    """Hold the one slot of :func:`params_limit_name` for the duration of the merge."""
+    with one_slot(params_limit_name(params)):
         yield
 
 
 def _artifact_key(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in f"metamerge-{name}".lower()).strip("-")[:80]
+    return limit_name(name)
 
 
 @flow(name="metamerge-merge")
@@ -119,6 +105,7 @@ def _merge(params, run: StepStates) -> dict[str, Any]:
 
     refs = keys.input_refs(params)
     pins = dict(zip(refs, run.gather([run.submit(f"download[{r}]", download, r) for r in refs])))
+    steps.check_tokenizers(params, pins)  # evaluation's tokenizers, before any merge work
 
     sqnorms = {}
     for ref in keys.fine_tunes(params):

@@ -48,10 +48,14 @@ def _merge(args) -> int:
         raise MergeError("--rank applies to --as-adapter only (the rank of the adapter written)")
     result = merge(recipe, args.out_dir, options, recipe_text=text, dry_run=args.dry_run)
     plan = result.plan
-    if args.dry_run:
+    if args.dry_run:  # the plan and its cost as JSON on stdout, the cost in words on stderr
+        from .estimate import estimate_recipe
+
+        cost = estimate_recipe(recipe, options)
         print(json.dumps({"ok": True, "method": recipe.merge_method, "tensors": len(plan.names),
                           "output_bytes": plan.total_bytes, "tied": plan.aliases,
-                          "vocab_rows_shared": plan.shared_rows}, indent=2))
+                          "vocab_rows_shared": plan.shared_rows, "estimate": cost.to_dict()}, indent=2))
+        print("\n".join(cost.lines()), file=sys.stderr)
         return 0
     print(f"wrote {result.out_dir} ({len(plan.names)} tensors, {plan.total_bytes / 1e6:.1f} MB)")
     assert result.report is not None  # a merge that wrote OUT_DIR has a report

@@ -126,7 +126,22 @@ class Recipe(BaseModel):
     def _one_form(self) -> Recipe:
         if self.slices is not None and not self.slices:
             self.slices = None  # mergekit reads `slices: []` as absent
+        self._one_revision_per_model()
         return self
+
+    def _one_revision_per_model(self) -> None:
+        """The same model at two revisions is two different inputs under one name: every cache key,
+        report row and provenance entry is per name, so it is refused (pin one revision)."""
+        refs = self.referenced_models()
+        if self.tokenizer_source not in (None, "base", "union"):
+            refs.append(self.tokenizer_source)
+        seen: dict[str, str] = {}
+        for ref in refs:
+            name, _, rev = ref.partition("@")
+            if name in seen and seen[name] != ref:
+                raise ValueError(f"model '{name}' appears at two revisions ('{seen[name]}' and '{ref}'); "
+                                 "a recipe reads each model at one revision: use the same @revision everywhere")
+            seen.setdefault(name, ref)
 
     def referenced_models(self) -> list[str]:
         """Every model the recipe names, once each, base first, in order of appearance."""

@@ -1,6 +1,7 @@
-"""``metamerge-registry``: the registry's own command (promote, rollback, audit, reproduce).
+"""``metamerge-registry``: the registry's own command (history, promote, rollback, audit, reproduce).
 
-    metamerge-registry promote NAME VERSION [--reason TEXT]
+    metamerge-registry history NAME [--json]              every gate decision, oldest first
+    metamerge-registry promote NAME VERSION --reason TEXT  forced promotion (logged as forced, with the user)
     metamerge-registry rollback NAME [--reason TEXT]
     metamerge-registry audit NAME VERSION [--json]        exit 1 when the files do not verify
     metamerge-registry reproduce NAME VERSION OUT_DIR [--input REF=PATH ...] [--device cpu|cuda]
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"metamerge-registry {__version__}",
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
-                                help="promote, rollback, audit or reproduce")
+                                help="history, promote, rollback, audit or reproduce")
     name_help = "the registered model's name (pipeline.registry.model_name)"
     version_help = "a version number, or an alias: champion, challenger"
 
@@ -43,10 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlruns.db)")
         return p
 
-    p = common(sub.add_parser("promote", help="make VERSION the champion (manual override, recorded)"))
+    p = common(sub.add_parser("history", help="the gate's decision log of a registered model, oldest first"))
+    p.add_argument("name", help=name_help)
+    p.add_argument("--json", action="store_true", help="print the decisions as JSON")
+    p = common(sub.add_parser("promote", help="make VERSION the champion, bypassing the gate (logged as forced)"))
     p.add_argument("name", help=name_help)
     p.add_argument("version", help=version_help)
-    p.add_argument("--reason", default="", help="why (recorded on the version)")
+    p.add_argument("--reason", required=True, help="why (required; recorded in the log with your user name)")
     p = common(sub.add_parser("rollback", help="move the champion back to the previous champion"))
     p.add_argument("name", help=name_help)
     p.add_argument("--reason", default="", help="why (recorded on the version)")
@@ -90,11 +94,29 @@ def _resolve_version(client, name: str, version: str) -> str:
         raise MergeError(f"registered model '{name}' has no version or alias '{version}'") from None
 
 
+def _exists(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return False
+    return True
+
+
 def _run(args) -> int:
     from .audit import audit, format_audit, reproduce
+    from .history import format_history, read
     from .promotion import promote, rollback
 
     config = _config(args)
+    if args.command == "history":
+        decisions = read(config.client(), args.name)
+        if not decisions and not _exists(config.client(), args.name):
+            raise MergeError(f"no registered model '{args.name}' in {config.tracking_uri}")
+        print(json.dumps([d.to_dict() for d in decisions], indent=2, sort_keys=True) if args.json
+              else format_history(args.name, decisions))
+        return 0
     if args.command == "promote":
         d = promote(args.name, _resolve_version(config.client(), args.name, args.version), args.reason, config)
         print(f"{args.name}: champion is v{d.champion} ({d.reason}; previous: "

@@ -14,9 +14,10 @@ Defaults
                            and reachable from wherever the model is loaded.
 
 The promotion gate (see ``promotion.py``): a new version becomes ``champion`` when its ``metric``
-(default ``mean_normalized_score``) is at least the current champion's minus ``tolerance`` (at most
-plus ``tolerance`` when ``greater_is_better`` is false, e.g. for ``ald``) and no task's normalized
-score is below ``floor``.
+(default ``mean_normalized_score``) is finite and strictly better than the best of the best score
+ever promoted and the base model's own score, minus ``tolerance`` (default 0; plus when
+``greater_is_better`` is false, e.g. for ``ald``), and no task's normalized score is non-finite or
+below ``floor`` (default 0). A tie does not promote.
 
 Telemetry is off and MLflow's progress bars too: importing this module applies ``pipeline_env``
 (the one module of environment defaults) before MLflow is imported.

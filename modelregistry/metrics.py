@@ -33,7 +33,8 @@ def score_metrics(scores: Mapping[str, Mapping[str, Any]], summary: Mapping[str,
     ``summary["normalized_scores"][task]`` or ``summary["normalized_exact_match"][task]``
     (``evaluation.summarize``'s name); ``summary["loss_difference"][task]`` becomes
     ``<task>.loss_difference``. ``mean_normalized_score`` and ``ald`` also accept evaluate's
-    ``average_normalized_exact_match`` and ``average_loss_difference``.
+    ``average_normalized_exact_match`` and ``average_loss_difference``. The base model's own
+    ``mean_normalized_score``/``ald`` (see :func:`_baseline`) become ``baseline.<name>``.
     """
     out: dict[str, float] = {}
     summary = dict(summary or {})
@@ -54,11 +55,25 @@ def score_metrics(scores: Mapping[str, Mapping[str, Any]], summary: Mapping[str,
     for k, v in summary.items():
         if (x := number(v)) is not None:
             out.setdefault(mlflow_key(_SUMMARY_ALIASES.get(k, k)), x)
+    for k, v in _baseline(summary).items():
+        if (x := number(v)) is not None:
+            out.setdefault(f"baseline.{mlflow_key(_SUMMARY_ALIASES.get(k, k))}", x)
     for bench, values in (summary.get("lm_eval") or {}).items():  # lm-evaluation-harness results
         for k, v in (values or {}).items():
             if (x := number(v)) is not None:
                 out[f"lm_eval.{mlflow_key(str(bench))}.{mlflow_key(str(k))}"] = x
     return out
+
+
+def _baseline(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The unmerged base model's averaged scores from the same evaluation (``evaluation.summarize``'s
+    ``objective[base]``), or a plain ``summary["baseline"]`` mapping: the gate's first bar."""
+    if isinstance(summary.get("baseline"), Mapping):
+        return dict(summary["baseline"])
+    base, objective = summary.get("base"), summary.get("objective")
+    if base and isinstance(objective, Mapping) and isinstance(objective.get(base), Mapping):
+        return {k: v for k, v in objective[base].items() if k in _SUMMARY_ALIASES}
+    return {}
 
 
 def report_params(report: MergeReport, provenance: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, float]]:

@@ -18,7 +18,9 @@ each other small files in DIR (default ``<output_root>/dvc``)::
 
 Work is stored under content keys in ``<output_root>/.cache`` as in the flow, so a stage that
 reruns because one input changed redoes only what that input touches (one new fine-tune: one norm
-pass). No Prefect is imported. Errors are one line (``error: ...``, exit status 2).
+pass). No Prefect is imported. Errors are one line (``error: ...``, exit status 2). Progress goes
+to stderr as lines (one per tenth of each training run, norm pass, merge and evaluation), which
+``dvc repro`` shows as the stage runs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import yaml
 
 from metamerge.atomic import write_text_atomic
 from metamerge.errors import InputError, run_cli
+from metamerge.progress import report_to
 
 from . import reports, steps
 from .keys import digest, fine_tunes, input_refs, needs_norms
@@ -111,7 +114,9 @@ def run_stage(stage: str, params: Params, workdir: Path) -> None:
         return
     if stage == "download":
         steps.check_inputs(params)
-        _write(workdir / "pins.json", {ref: portable_pin(steps.pin(ref, _log)) for ref in input_refs(params)})
+        pins = {ref: steps.pin(ref, _log) for ref in input_refs(params)}
+        steps.check_tokenizers(params, pins)  # evaluation's tokenizers, before any merge work
+        _write(workdir / "pins.json", {ref: portable_pin(pin) for ref, pin in pins.items()})
         return
     pins = _read(workdir / "pins.json", "download")
     tunes = fine_tunes(params)
@@ -153,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     def stage() -> None:
         # the scenario stage makes the eval sets the other stages check for
         params = load_params(args.params, check_files=args.stage != "scenario")
-        run_stage(args.stage, params, Path(args.dir) if args.dir else params.output_root / "dvc")
+        with report_to(_log):  # progress as lines in DVC's output: no stage is silent for minutes
+            run_stage(args.stage, params, Path(args.dir) if args.dir else params.output_root / "dvc")
 
     return run_cli(stage)

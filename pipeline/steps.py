@@ -43,6 +43,39 @@ def check_inputs(params: Params) -> None:
                 raise InputError(f"{params.source}: model '{ref}': no such directory {Path(m.name).absolute()}")
 
 
+def tokenizer_source(params: Params) -> str | None:
+    """The input whose tokenizer the merged model gets (the engine copies it): ``tokenizer_source``
+    when it names a model, else the base, else the first model (a slices recipe's donor)."""
+    r = params.recipe
+    if r.tokenizer_source not in (None, "base", "union"):
+        return r.tokenizer_source
+    if r.base_model:
+        return r.base_model
+    if r.slices:
+        return r.slices[0].sources[0].model
+    return r.models[0].model if r.models else None
+
+
+def check_tokenizers(params: Params, pins: dict[str, dict]) -> None:
+    """Before any merge work, when the pipeline evaluates: every folder evaluation will load a
+    tokenizer from (the merged model's tokenizer source, the base, each expert) has tokenizer
+    files; else one line naming the model and the missing files."""
+    from evaluation.tokenizers import missing_tokenizer_files
+
+    if not params.pipeline.eval_sets and params.pipeline.eval.lm_eval is None:
+        return
+    needed = {ref: "the merged model's tokenizer source" for ref in [tokenizer_source(params)] if ref}
+    for name, ref in models_to_score(params, pins).items():
+        needed.setdefault(ref, "the base (evaluated beside the merge)" if name == "base" else "an expert (evaluated)")
+    for ref, role in needed.items():
+        path = Path(pins[ref]["path"]) if ref in pins else Path(ModelRef.parse(ref).name).expanduser()
+        missing = missing_tokenizer_files(path)
+        if missing:
+            raise InputError(f"{params.source}: model '{ref}' ({role}) has no tokenizer in {path} ({missing}); "
+                             "evaluation loads it after the merge: add the tokenizer files, or set "
+                             "recipe.tokenizer_source / pipeline.experts to a model that has them")
+
+
 def pin(ref: str, log: Log = quiet) -> dict:
     """Resolve one reference to a pinned revision (hub commit, or content hash of a folder).
 

@@ -90,8 +90,8 @@ def train_model(
             optimizer.step()
             scheduler.step()
             losses.append(loss)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)  # first: a progress line shows this step's loss
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     model.eval()
     return losses
 

@@ -7,7 +7,7 @@ from prefect import task
 
 from pipeline import keys, reports, steps, store
 
-from .common import keyed, load, log
+from .common import keyed, load, log, progress_to_log
 
 
 def _eval_key(params: dict, model_dir: str, revision: str) -> str:
@@ -18,7 +18,8 @@ def _eval_key(params: dict, model_dir: str, revision: str) -> str:
 @task(name="evaluate", cache_key_fn=keyed(_eval_key), persist_result=True)
 def evaluate(params: dict, model_dir: str, revision: str) -> dict[str, dict]:
     """``{task: scores}`` of one model; base and experts are scored once per revision."""
-    return steps.evaluate(load(params), model_dir, revision, log=log())
+    with progress_to_log():
+        return steps.evaluate(load(params), model_dir, revision, log=log())
 
 
 def _benchmark_key(params: dict, model_dir: str, revision: str) -> str:
@@ -28,7 +29,8 @@ def _benchmark_key(params: dict, model_dir: str, revision: str) -> str:
 @task(name="benchmark", cache_key_fn=keyed(_benchmark_key), persist_result=True)
 def benchmark(params: dict, model_dir: str, revision: str) -> dict[str, dict]:
     """lm-evaluation-harness results of one model (``pipeline.eval.lm_eval``), once per revision."""
-    return steps.benchmark(load(params), model_dir, revision, log=log())
+    with progress_to_log():
+        return steps.benchmark(load(params), model_dir, revision, log=log())
 
 
 def _report_key(params: dict, info: dict, scores: dict, benchmarks: dict | None = None) -> str:

@@ -6,7 +6,7 @@ from prefect import task
 
 from pipeline import keys, steps, store
 
-from .common import keyed, load, log
+from .common import keyed, load, log, progress_to_log
 from .units import prefect_runner
 
 
@@ -23,4 +23,5 @@ def merge(params: dict, pins: dict, sqnorms: dict | None = None) -> dict:
     ``sqnorms`` are derived from the pinned inputs, so they are not part of the key.
     """
     p = load(params)
-    return steps.merge(p, pins, sqnorms, log=log(), runner=prefect_runner(p.pipeline.executor))
+    with progress_to_log():
+        return steps.merge(p, pins, sqnorms, log=log(), runner=prefect_runner(p.pipeline.executor))

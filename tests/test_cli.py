@@ -136,7 +136,6 @@ def test_dry_run_plans_and_writes_nothing(tiny_llama_tied_head, tmp_path, capsys
     out = tmp_path / "out"
     assert cli(path, out, "--dry-run") == 0
     captured = capsys.readouterr()
-    assert captured.err == ""
     plan = json.loads(captured.out)
     base = load_state(fam.base)
     assert plan["ok"] is True and plan["method"] == "metagpt"
@@ -144,6 +143,20 @@ def test_dry_run_plans_and_writes_nothing(tiny_llama_tied_head, tmp_path, capsys
     assert plan["output_bytes"] == sum(t.numel() * 2 for t in base.values())  # bf16 out
     assert plan["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
     assert plan["vocab_rows_shared"] == {}
+    # the cost: every input's float32 tensors but the tied head, read twice (norm pass, merge)
+    est = plan["estimate"]
+    per_input = sum(t.numel() * 4 for n, t in base.items() if n != "lm_head.weight")
+    assert [i["read_bytes"] for i in est["inputs"]] == [per_input] * 3
+    assert est["passes"] == ["statistics", "merge"] and est["read_bytes"] == 2 * 3 * per_input
+    assert est["write_bytes"] == plan["output_bytes"]
+    largest = max((n for n in base if n != "lm_head.weight"), key=lambda n: base[n].numel())
+    assert est["largest_tensor"] == largest
+    # 3 float32 inputs + MetaGPT's 2 work buffers + the bf16 output, above the process itself
+    assert est["peak_memory_bytes"] == 300_000_000 + base[largest].numel() * (4 * 5 + 2)
+    lines = captured.err.splitlines()
+    assert lines[0] == "method metagpt; passes: statistics, merge"
+    assert lines[1] == f"input base '{fam.base}': {per_input / 1024:.2f} KiB per pass"
+    assert any(line.startswith("peak memory about 286.") for line in lines) and lines[-1].startswith("time about")
     assert_nothing_written(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 

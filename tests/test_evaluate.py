@@ -201,6 +201,39 @@ def test_exact_match_mixed(loaded):
     assert scores.exact_match == 0.5 and scores.n_exact == 1
 
 
+def _argmax_loop(model, tokenizer, prompt, max_new_tokens):
+    """Greedy by hand: the full sequence through the model at each step, argmax, stop at EOS."""
+    ids = [BOS] + _plain(tokenizer, prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt == EOS:
+                break
+            out.append(nxt)
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_greedy_ignores_what_the_checkpoint_ships_in_its_generation_config(loaded):
+    """A fine-tune's generation_config.json (repetition penalty, n-gram ban, suppressed tokens,
+    sampling) does not change its exact match: the answers are a plain argmax loop's, and the
+    model's own config is left as it was."""
+    import copy
+
+    model, tokenizer = loaded
+    model = copy.deepcopy(model)
+    budget = 5
+    right = [{"prompt": p["prompt"], "completion": _argmax_loop(model, tokenizer, p["prompt"], budget)}
+             for p in PAIRS]
+    first = {_plain(tokenizer, r["completion"])[0] for r in right if r["completion"]}
+    cfg = model.generation_config
+    cfg.repetition_penalty, cfg.no_repeat_ngram_size, cfg.suppress_tokens = 100.0, 1, sorted(first)
+    cfg.do_sample, cfg.temperature = True, 5.0
+    hit = evaluate_loaded(model, tokenizer, right, batch_size=3, max_new_tokens=budget, progress=False)
+    assert (hit.exact_match, hit.n_exact) == (1.0, len(PAIRS))
+    assert model.generation_config is cfg and cfg.repetition_penalty == 100.0 and cfg.do_sample
+
+
 # ---------------------------------------------------------------- eval-set loading
 
 

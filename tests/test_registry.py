@@ -87,11 +87,13 @@ def merged(models, tmp_path_factory):
     return out
 
 
-def _scores(mean, per_task):
+def _scores(mean, per_task, base=0.5):
     scores = {t: {"exact_match": 0.5 * v, "loss": 2.0 - v, "normalized_score": v, "kind": "completion"}
               for t, v in per_task.items()}
     scores["wiki"] = {"exact_match": None, "loss": 3.1, "perplexity": 22.2}  # a text set: no exact match
-    return scores, {"mean_normalized_score": mean, "ald": 0.1 / mean}
+    # the unmerged base's averages, as evaluation.summarize writes them: the first version's bar
+    objective = {"base": {"average_normalized_exact_match": base, "average_loss_difference": 0.3}}
+    return scores, {"mean_normalized_score": mean, "ald": 0.1 / mean, "base": "base", "objective": objective}
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +137,10 @@ def _tags(client, version):
     return client.get_model_version(NAME, str(version)).tags
 
 
+def _version_run(client, version):
+    return client.get_model_version(NAME, str(version)).run_id
+
+
 def _champion(client):
     return str(client.get_model_version_by_alias(NAME, "champion").version)
 
@@ -152,8 +158,8 @@ def test_first_merge_registers_as_champion_with_lineage(registered, merged, clie
     assert res.aliases_after == {"champion": "1", "challenger": "1"}
     tags = _tags(client, 1)
     assert tags["promotion.decision"] == "promoted"
-    assert "no champion yet" in tags["promotion.reason"]
-    assert tags["promotion.previous_champion"] == ""
+    assert tags["promotion.reason"] == "mean_normalized_score 0.8 > the base model's 0.5 - 0 (tolerance)"
+    assert tags["promotion.previous_champion"] == "" and tags["promotion.baseline"] == "0.5"
 
     provenance = json.loads((merged["first"] / "provenance.json").read_text())
     assert tags["git_commit"] == (git_commit() or "unknown")
@@ -176,6 +182,7 @@ def test_first_merge_registers_as_champion_with_lineage(registered, merged, clie
     assert metrics["qa.exact_match"] == pytest.approx(0.4) and metrics["qa.loss"] == pytest.approx(1.2)
     assert metrics["wiki.loss"] == pytest.approx(3.1) and "wiki.exact_match" not in metrics
     assert metrics["ald"] == pytest.approx(0.125)
+    assert metrics["baseline.mean_normalized_score"] == 0.5 and metrics["baseline.ald"] == 0.3
     assert metrics["lambda.0"] + metrics["lambda.1"] == pytest.approx(1.0)
 
     paths = {f.path for f in client.list_artifacts(res.run_id, "merge")}
@@ -193,7 +200,7 @@ def test_worse_merge_is_challenger_only(registered, client):
     assert res.aliases_after == {"champion": "1", "challenger": "2"}
     tags = _tags(client, 2)
     assert tags["promotion.decision"] == "rejected"
-    assert "mean_normalized_score 0.6 <" in tags["promotion.reason"] and "v1" in tags["promotion.reason"]
+    assert tags["promotion.reason"] == "mean_normalized_score 0.6 <= best promoted v1's 0.8 - 0 (tolerance)"
     assert tags["promotion.previous_champion"] == "1"
 
 
@@ -203,7 +210,7 @@ def test_better_merge_takes_champion(registered, client):
     assert res.aliases_after == {"champion": "3", "challenger": "3"}
     tags = _tags(client, 3)
     assert tags["promotion.decision"] == "promoted" and tags["promotion.previous_champion"] == "1"
-    assert "0.9 >=" in tags["promotion.reason"]
+    assert tags["promotion.reason"] == "mean_normalized_score 0.9 > best promoted v1's 0.8 - 0 (tolerance)"
 
 
 def test_rollback_then_manual_promote(registered, client, config, capsys):
@@ -227,10 +234,39 @@ def test_rollback_then_manual_promote(registered, client, config, capsys):
     assert _champion(client) == "1"
     assert registry_main(["rollback", NAME, "--tracking-uri", config.tracking_uri]) == 2
     assert "error:" in capsys.readouterr().err
-    assert registry_main(["promote", NAME, "99", "--tracking-uri", config.tracking_uri]) == 2
+    assert registry_main(["promote", NAME, "99", "--reason", "x", "--tracking-uri", config.tracking_uri]) == 2
+    assert registry_main(["promote", NAME, "3", "--tracking-uri", config.tracking_uri]) == 2  # no reason
+    assert "--reason" in capsys.readouterr().err
+    with pytest.raises(MergeError, match="give a reason"):
+        promote(NAME, "3", "  ", config)
 
-    d = promote(NAME, "3", "restore best", config)
+    d = promote(NAME, "3", "restore best", config, user="alice")
     assert d.previous_champion == "1" and _champion(client) == "3"
+
+    # the whole story, in order, from the registry CLI
+    capsys.readouterr()
+    assert registry_main(["history", NAME, "--json", "--tracking-uri", config.tracking_uri]) == 0
+    log = json.loads(capsys.readouterr().out)
+    assert [(e["seq"], e["version"], e["result"], e["rule"], e["previous_champion"], e["champion"]) for e in log] == [
+        (1, "1", "promoted", "gate", None, "1"), (2, "2", "rejected", "gate", "1", "1"),
+        (3, "3", "promoted", "gate", "1", "3"), (4, "3", "rolled_back", "rollback", "3", "1"),
+        (5, "2", "promoted", "forced", "1", "2"), (6, "2", "rolled_back", "rollback", "2", "1"),
+        (7, "3", "promoted", "forced", "1", "3")]
+    assert log[0]["baseline_source"] == "the base model" and log[0]["baseline"] == 0.5
+    assert log[1]["compared"] == {"mean_normalized_score": 0.6, "arith.normalized_score": 0.7,
+                                  "qa.normalized_score": 0.5, "baseline.mean_normalized_score": 0.5,
+                                  "best_promoted.mean_normalized_score": 0.8}
+    assert log[3]["reason"] == "rolled back to v1: latency regression"
+    assert log[4]["reason"] == "manual: ops choice" and log[6]["user"] == "alice"
+    # gate decisions name the flow run that registered the version; decisions by hand name none
+    assert [e["flow_run_id"] for e in log] == ["flow-run-42"] * 3 + [None] * 4
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", e["time"]) for e in log)
+    assert registry_main(["history", NAME, "--tracking-uri", config.tracking_uri]) == 0
+    text = capsys.readouterr().out
+    assert "7 decision(s)" in text and "v3  promoted    forced   champion v1 -> v3  by alice" in text
+    # the log is also an artifact of the decided version's run
+    artifact = Path(client.download_artifacts(_version_run(client, 3), "promotion/history.json"))
+    assert [d["seq"] for d in json.loads(artifact.read_text())["decisions"]] == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_floor_rejects_despite_higher_mean(registered, merged, config, client):
@@ -282,15 +318,20 @@ def test_pipeline_entry_point_takes_the_evaluate_summary(merged, config, client)
         return TaskScores(kind="completion", n=4, n_tokens=20, loss=loss, perplexity=2.0, exact_match=em)
 
     summary = summarize({"merged": {"arith": ts(1.0, 0.5), "qa": ts(1.5, 0.25)},
-                         "arith": {"arith": ts(0.8, 1.0)}, "qa": {"qa": ts(1.2, 0.5)}})
+                         "base": {"arith": ts(1.2, 0.25), "qa": ts(1.6, 0.25)},
+                         "arith": {"arith": ts(0.8, 1.0)}, "qa": {"qa": ts(1.2, 0.5)}}, base="base")
     cfg = config.model_copy(update={"model_name": "tiny-merge-pipeline"})
     result = modelregistry.register_merged(merged["first"], summary=json.loads(json.dumps(summary)), config=cfg)
     assert result["decision"]["decision"] == "promoted" and result["version"] == "1"
+    # the base's own mean normalized score (0.25/1 + 0.25/0.5) / 2 was the bar
+    assert result["decision"]["champion_value"] == pytest.approx(0.375)
     json.dumps(result)  # JSON-able for the Prefect result store
     metrics = client.get_run(result["run_id"]).data.metrics
     assert metrics["mean_normalized_score"] == pytest.approx(0.5)  # evaluate's average_normalized_exact_match
     assert metrics["qa.normalized_score"] == pytest.approx(0.5) and metrics["arith.exact_match"] == 0.5
     assert metrics["ald"] == pytest.approx(0.25) and metrics["qa.loss_difference"] == pytest.approx(0.3)
+    assert metrics["baseline.mean_normalized_score"] == pytest.approx(0.375)
+    assert metrics["baseline.ald"] == pytest.approx(0.4)
 
 
 def test_register_refuses_a_directory_changed_after_the_merge(merged, config, tmp_path):

@@ -3,6 +3,15 @@
 Only the headers are read up front (names, shapes, dtypes), so the whole input can be checked
 before the first tensor is loaded. Pickle checkpoints (``.bin``/``.pt``) can run code when loaded
 and are refused unless the caller opts in.
+
+Why not ``safetensors.safe_open``: this reader is lighter where the merge needs it. It reads each
+tensor's bytes with one ``readinto`` into a caller's reusable buffer (``loading.Workspace``), so a
+merge allocates the largest tensor once instead of a new tensor per read; it checks an untrusted
+header's byte ranges (overlaps, holes, past the end) and its shard index (plain names inside the
+folder) with one-line errors naming the file and the fix; and it needs no mmap of whole shards.
+The writer (``writer.py``) is hand-written for the same reason: shard headers are planned up
+front so tensors stream to disk as they are merged, which ``safetensors.torch.save_file`` (one
+dict of tensors in memory per file) cannot do.
 """
 
 from __future__ import annotations

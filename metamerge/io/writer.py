@@ -29,14 +29,30 @@ ST_NAMES = {
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
 
 
+def _hub_parser():
+    """``huggingface_hub``'s own parser of decimal sizes (``"5GB"``, ``"0.5 MB"``: the one behind
+    transformers' ``save_pretrained(max_shard_size=...)``), or None where the installed version has
+    none. It knows no binary units (``MiB``), bare numbers or unit letters without ``B``, which
+    recipes and the CLI accept, so those stay parsed here."""
+    try:
+        from huggingface_hub.serialization._base import parse_size_to_int
+    except ImportError:  # an older or newer huggingface_hub: the regular expression alone
+        return None
+    return parse_size_to_int
+
+
 def parse_size(text: str | int) -> int:
-    """'5GB' -> 5e9 bytes, '500MiB' -> 500*2**20, or an int as is."""
+    """'5GB' -> 5e9 bytes, '500MiB' -> 500*2**20, or an int as is. Decimal ``[KMGT]B`` sizes go
+    through ``huggingface_hub`` (:func:`_hub_parser`) so they mean what they mean to transformers."""
     if isinstance(text, int):
         return text
     m = _SIZE.match(str(text))
     if not m:
         raise MergeError(f"bad size '{text}': use e.g. 2GB, 500MB or a number of bytes")
     value, unit, b = float(m.group(1)), m.group(2).upper(), (m.group(3) or "").upper()
+    hub = _hub_parser()
+    if hub is not None and unit and b == "B":
+        return int(hub(f"{m.group(1)}{unit}B"))
     base = 1024 if b == "IB" else 1000
     return int(value * base ** " KMGT".index(unit or " "))
 

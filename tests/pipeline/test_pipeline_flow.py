@@ -173,7 +173,18 @@ def test_the_merge_is_registered_once(first_run, tmp_path):
     assert once["steps"]["merge"] == "Cached" and once["steps"]["register"] == "Completed"
     reg = once["registered"]
     assert reg["registered"] and reg["version"] == "1" and reg["model_uri"] == "models:/tiny-merged/1"
-    assert reg["decision"]["decision"] == "promoted"  # the first version becomes the champion
+    # the first version's bar is the base model's score from the same evaluation
+    summary = once["summary"]
+    ours, base = summary["average_normalized_exact_match"], summary["objective"]["base"]["average_normalized_exact_match"]
+    expected = "promoted" if ours is not None and base is not None and ours > base else "rejected"
+    assert reg["decision"]["decision"] == expected, reg["decision"]["reason"]
+    # registrations and gate decisions of one registered model take turns: a limit of one slot
+    from prefect.client.orchestration import get_client
+
+    from tasks.register import gate_limit_name
+
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(gate_limit_name("tiny-merged")).limit == 1
     again = merge_flow(p)
     assert again["steps"]["register"] == "Cached" and again["registered"]["version"] == "1"
 

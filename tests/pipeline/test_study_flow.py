@@ -71,5 +71,17 @@ def test_study_is_logged_to_mlflow(study_result):
 
     # one registered version per compared method (the grid's merges are not registered)
     assert len(versions) == len(study_recipes("base", ["a", "b"]))
-    assert client.get_model_version_by_alias("metamerge-demo", "champion") is not None
+    # the gate's rules replayed in registration order: a version is promoted when its score beats
+    # both the best promoted so far and its own base model's score (whichever exist; neither: rejected)
+    expected, best = None, None
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        m = client.get_run(v.run_id).data.metrics
+        bars = [b for b in (best, m.get("baseline.mean_normalized_score")) if b is not None]
+        if bars and m.get("mean_normalized_score", float("-inf")) > max(bars):
+            expected, best = str(v.version), m["mean_normalized_score"]
+    champion = client.get_registered_model("metamerge-demo").aliases.get("champion")
+    assert (None if champion is None else str(champion)) == expected
+    from modelregistry.history import read
+
+    assert len(read(client, "metamerge-demo")) == len(versions)  # one logged decision per version
     del mlflow

@@ -255,3 +255,19 @@ def test_non_utf8_file_is_a_merge_error(tmp_path):
     path.write_bytes(BLOCK.encode() + b"name: caf\xe9\n")
     with pytest.raises(MergeError, match="latin1.yaml"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("models, tokenizer_source, clash", [
+    (["org/ft@1111111", "org/ft@2222222"], None, "'org/ft@1111111' and 'org/ft@2222222'"),
+    (["org/ft@1111111", "org/ft"], None, "'org/ft@1111111' and 'org/ft'"),
+    (["org/ft@1111111"], "org/ft@3333333", "'org/ft@1111111' and 'org/ft@3333333'"),
+])
+def test_one_model_at_two_revisions_is_refused(models, tokenizer_source, clash):
+    refused(metagpt(models=[{"model": m} for m in models], tokenizer_source=tokenizer_source),
+            f"model 'org/ft' appears at two revisions ({clash})")
+
+
+def test_the_same_revision_twice_is_one_model():
+    recipe = parse_recipe(metagpt(models=[{"model": "org/ft@1111111"}, {"model": "org/b@2222222"}],
+                                  tokenizer_source="org/ft@1111111"))
+    assert "org/ft@1111111" in recipe.referenced_models()

@@ -187,3 +187,10 @@ def test_parse_size(text, size):
 def test_parse_size_refuses(text):
     with pytest.raises(MergeError, match="bad size"):
         parse_size(text)
+
+
+@pytest.mark.parametrize("text", ["5GB", "0.5GB", "2.5 KB", " 7 mb ", "3TB"])
+def test_decimal_sizes_mean_what_they_mean_to_huggingface_hub(text):
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    assert parse_size(text) == parse_size_to_int(text.strip().replace(" ", "").upper())

@@ -1,0 +1,89 @@
+"""``metamerge.estimate``: the dry run's cost figures against the README benchmark's measurements.
+
+The benchmark's 1B layout (bf16, hidden 2048, 16 layers, vocab 32000, base + 3 fine-tunes) is
+written as real safetensors files whose headers are complete and whose data is a sparse hole (no
+disk used): the estimate reads headers only, as ``--dry-run`` does. The measured figures are the
+README's table (2-core machine): metagpt 25.1 s / 1.83 GiB, task_arithmetic 29.3 s / 3.79 GiB.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from metamerge.estimate import estimate_recipe
+from metamerge.recipe import parse_recipe
+
+GiB = 1 << 30
+
+
+def _sparse_model(folder, config) -> int:
+    """A header-complete safetensors file of ``config``'s Llama in bf16, its data a hole; its bytes."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        shapes = {n: tuple(t.shape) for n, t in LlamaForCausalLM(config).state_dict().items()}
+    header, offset = {}, 0
+    for name in sorted(shapes):
+        size = 2 * int(torch.Size(shapes[name]).numel())
+        header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    folder.mkdir()
+    with open(folder / "model.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh.truncate(8 + len(raw) + offset)
+    config.to_json_file(folder / "config.json")
+    return offset
+
+
+@pytest.fixture(scope="module")
+def one_billion(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)
+    root = tmp_path_factory.mktemp("1b")
+    sizes = {name: _sparse_model(root / name, config) for name in ("base", "ft0", "ft1", "ft2")}
+    return root, sizes
+
+
+def _recipe(root, method, **params):
+    return parse_recipe({"merge_method": method, "base_model": str(root / "base"), "dtype": "float32",
+                         "out_dtype": "bfloat16", "parameters": params,
+                         "models": [{"model": str(root / f"ft{i}")} for i in range(3)]})
+
+
+def test_metagpt_on_the_benchmark_layout_matches_the_measured_run(one_billion):
+    root, sizes = one_billion
+    est = estimate_recipe(_recipe(root, "metagpt"))
+    total = sum(sizes.values())
+    assert total == pytest.approx(6.82e9, rel=1e-3)  # the README's "1B (6.82 GB)"
+    assert [i.read_bytes for i in est.inputs] == [sizes[n] for n in ("base", "ft0", "ft1", "ft2")]
+    assert est.passes == ["statistics", "merge"] and est.read_bytes == 2 * total
+    assert est.write_bytes == sizes["base"]  # bf16 out, same layout
+    assert est.largest_tensor in ("lm_head.weight", "model.embed_tokens.weight")
+    assert est.seconds == pytest.approx(25.1, rel=0.1)
+    assert est.peak_memory_bytes / GiB == pytest.approx(1.83, rel=0.1)
+
+
+def test_task_arithmetic_on_the_benchmark_layout_matches_the_measured_run(one_billion):
+    root, sizes = one_billion
+    est = estimate_recipe(_recipe(root, "task_arithmetic", weight=0.3))
+    assert est.passes == ["merge"] and est.read_bytes == sum(sizes.values())
+    assert est.seconds == pytest.approx(29.3, rel=0.1)
+    assert est.peak_memory_bytes / GiB == pytest.approx(3.79, rel=0.1)
+
+
+def test_a_method_without_a_benchmark_rate_says_so(one_billion):
+    root, _ = one_billion
+    assert estimate_recipe(_recipe(root, "linear", weight=0.25)).notes == []
+    est = estimate_recipe(_recipe(root, "model_stock"))
+    assert est.notes == ["no benchmark rate for model_stock: the task-arithmetic rate is used"]
+    assert est.seconds == pytest.approx(est.read_bytes / 0.23e9, rel=0.01)
+    est = estimate_recipe(_recipe(root, "dare_linear", weight=0.3, density=0.5))
+    assert est.seconds == pytest.approx(est.read_bytes / 0.06e9, rel=0.01)
