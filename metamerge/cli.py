@@ -22,11 +22,22 @@ MERGEKIT_FLAGS = {
 }
 
 
+PRESTART_BYTES = 1_000_000_000  # inputs above this are worth worker processes: start them early
+
+
 def _merge(args) -> int:
-    from .engine import MergeOptions, merge
-    from .executors import ExecutorConfig
-    from .io import parse_size
+    from .executors import ExecutorConfig, prestart
     from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    executor = ExecutorConfig(kind="dask" if args.dask else "local", n_workers=args.workers, address=args.dask,
+                              threads_per_worker=args.threads_per_worker)
+    if not args.dry_run and args.device != "cuda" and not args.cuda and \
+            _local_input_bytes(recipe.referenced_models()) > PRESTART_BYTES:
+        prestart(executor)  # the workers' fork server imports torch while this process does
+
+    from .engine import MergeOptions, merge
+    from .io import parse_size
 
     for flag in MERGEKIT_FLAGS:
         if getattr(args, flag.lstrip("-").replace("-", "_")):
@@ -34,9 +45,6 @@ def _merge(args) -> int:
     if args.cuda:
         args.device = "cuda"
 
-    recipe = load_recipe(args.recipe)
-    executor = ExecutorConfig(kind="dask" if args.dask else "local", n_workers=args.workers, address=args.dask,
-                              threads_per_worker=args.threads_per_worker)
     options = MergeOptions(device=args.device, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
                            max_shard_size=args.max_shard_size, progress=not args.no_progress, wait=args.wait,
                            executor=executor, use_cache=not args.no_cache, unit_bytes=parse_size(args.unit_size))
@@ -78,6 +86,20 @@ def _merge_adapter(recipe, args, options, text: str) -> int:
     for ref, c in result.coefficients.items():
         print(f"  {ref}: {c:.6f}")
     return 0
+
+
+def _local_input_bytes(refs: list[str]) -> int:
+    """The safetensors bytes of the recipe's local folders (a stat each): whether the merge is large
+    enough for worker processes, before anything heavy is imported."""
+    from pathlib import Path
+
+    total = 0
+    for ref in refs:
+        for part in ref.split("@")[0].split("+"):
+            folder = Path(part).expanduser()
+            if folder.is_dir():
+                total += sum(f.stat().st_size for f in folder.glob("*.safetensors") if f.is_file())
+    return total
 
 
 def _methods(args) -> int:

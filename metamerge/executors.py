@@ -87,14 +87,29 @@ def run_units(fn: Callable[[Any], Any], units: list, config: ExecutorConfig,
 _POOLS: dict[tuple[int, int], ProcessPoolExecutor] = {}
 
 
+def _context():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["metamerge.units"])
+    return ctx
+
+
+def prestart(config: ExecutorConfig) -> None:
+    """Start the fork server now (it imports torch and the engine in the background), so that it is
+    ready when the first units are handed out instead of costing its import time then; the
+    command line calls this before importing the engine itself."""
+    if config.kind == "local" and config.workers() > 1:
+        from multiprocessing import forkserver
+
+        _context()
+        forkserver.ensure_running()
+
+
 def _pool(workers: int, threads: int) -> ProcessPoolExecutor:
     """One pool per (workers, threads) for the life of the process: a second merge in the same
     process (the pipeline, the tests) reuses warm workers."""
     pool = _POOLS.get((workers, threads))
     if pool is None:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["metamerge.units"])
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+        pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=_init_worker, initargs=(threads,))
         _POOLS[(workers, threads)] = pool
     return pool
 
