@@ -7,18 +7,22 @@ From the opened inputs (headers only; no tensor is read):
                   ||tau||^2) reads every input twice, once for the statistic and once for the merge
 ``write_bytes``   the merged weights (``Plan.total_bytes``)
 ``passes``        ``statistics`` (when the method needs one) then ``merge``
-``peak_memory_bytes``  the process (Python, torch: ``PROCESS_BYTES``) plus, for the largest tensor,
-                  one compute-dtype copy per input read for it, the output copy, and the method's
-                  work buffers (``WORK_SLOTS``). The engine streams tensor by tensor, so the largest
-                  tensor, not the model, sets the peak.
-``seconds``       statistics pass at ``STAT_BYTES_PER_S`` of input plus merge pass at the method's
-                  ``MERGE_BYTES_PER_S`` of input.
+``peak_memory_bytes``  all processes: this one (Python, torch: ``PROCESS_BYTES``) plus, per worker
+                  (``WORKER_BYTES`` each), its buffers: for an elementwise method (MetaGPT with
+                  whole-model lambdas, task arithmetic without sparsification) a few ``CHUNK``-entry
+                  buffers, whatever the model's size; otherwise, for the largest tensor, one
+                  compute-dtype copy per input read for it, the output copy, and the method's work
+                  buffers (``WORK_SLOTS``): there the largest tensor sets the peak.
+``seconds``       ``STARTUP_S``, then the statistics pass at ``STAT_BYTES_PER_S`` of input, then the
+                  merge pass at the method's ``MERGE_BYTES_PER_S`` of input (all workers together).
 
-The constants are calibrated on the README's benchmark (2 CPU cores, bf16 inputs, float32 compute,
-inputs in the page cache): at 1B parameters and 3 fine-tunes the formulas give 1.8 GiB / 25 s for
-``metagpt`` (measured 1.83 GiB / 25.1 s), 3.6 GiB / 29 s for ``task_arithmetic`` (3.79 GiB /
-29.3 s). Treat ``seconds`` as an order of magnitude elsewhere: it scales with the disk, the cores
-and the device.
+The constants are calibrated on the README's scale-out benchmark (2 CPU cores, 2 workers, bf16
+inputs, inputs in the page cache): at 1B parameters and 3 fine-tunes the formulas give 13 s and
+0.6 GiB for ``metagpt`` with an empty cache (measured 13.1 s / 0.60 GiB) and 10 s with its norms
+cached (9.7 s); 14.7 s for ``task_arithmetic`` (measured 14.6-15.2 s, machine not quiet). The
+rates of the methods that are not elementwise were measured before the scale-out, in one process.
+A merge of a single unit runs in the command's own process (no worker). Treat ``seconds`` as an
+order of magnitude elsewhere: it scales with the disk, the cores and the device.
 """
 
 from __future__ import annotations
@@ -30,11 +34,15 @@ from .loading import compute_dtype
 from .shapes import numel
 
 PROCESS_BYTES = 300_000_000        # Python + torch + the readers' headers, before any tensor
-STAT_BYTES_PER_S = 1.05e9          # the statistic pass: read, subtract, square-sum (no write)
+WORKER_BYTES = 150_000_000         # a worker process's own share (torch's libraries are shared pages)
+STARTUP_S = 2.5                    # imports, the workers' start, planning
+STAT_BYTES_PER_S = 2.0e9           # the statistic pass, chunked: read, subtract, square-sum (no write)
+ELEMENTWISE_MERGE_BYTES_PER_S = {  # chunked merge pass, input bytes per second (2 workers)
+    "metagpt": 0.95e9, "task_arithmetic": 0.56e9,
+}
 DEFAULT_MERGE_BYTES_PER_S = 0.23e9
-MERGE_BYTES_PER_S = {              # input bytes merged per second, by method (benchmark, 1B, 3 fine-tunes)
-    "metagpt": 0.37e9, "task_arithmetic": 0.23e9, "linear": 0.23e9,
-    "ties": 0.026e9, "dare_ties": 0.052e9, "dare_linear": 0.06e9,
+MERGE_BYTES_PER_S = {              # input bytes merged per second, whole tensors (one process)
+    "metagpt": 0.37e9, "task_arithmetic": 0.23e9, "linear": 0.23e9, "ties": 0.026e9, "dare_ties": 0.052e9, "dare_linear": 0.06e9,
 }
 
 
@@ -101,15 +109,29 @@ def estimate_recipe(recipe, options=None) -> Estimate:
     """Open ``recipe``'s inputs (headers only, files not hashed) and estimate their merge."""
     from dataclasses import replace
 
-    from .engine import MergeOptions, open_inputs
+    from .device import resolve_device
+    from .engine import MergeOptions, _cached_statistics, open_inputs
 
     options = replace(options or MergeOptions(), hash_inputs=False, progress=False)
-    return estimate(open_inputs(recipe, options), recipe.merge_method)
+    inputs = open_inputs(recipe, options)
+    cached = False
+    if inputs.method.needs_model_statistics() and inputs.base is not None and options.use_cache:
+        found, _ = _cached_statistics(inputs, resolve_device(options.device))
+        cached = len(found) == len(inputs.models)  # every norm in METAMERGE_CACHE_DIR: no norm pass
+    return estimate(inputs, recipe.merge_method, stats_cached=cached, workers=options.executor.workers(),
+                    unit_bytes=options.unit_bytes)
 
 
-def estimate(inputs, method: str, stats_cached: bool = False) -> Estimate:
+def estimate(inputs, method: str, stats_cached: bool = False, workers: int | None = None,
+             unit_bytes: int = 256 << 20) -> Estimate:
     """The cost of merging ``inputs`` (``engine.open_inputs``'s result) with ``method``, from the
-    headers; ``stats_cached``: the per-model statistics are given (the pipeline's cached norms)."""
+    headers; ``stats_cached``: the per-model statistics are cached; ``workers``: worker processes
+    (default: as ``metamerge merge`` picks them)."""
+    from .executors import ExecutorConfig
+    from .reduce import CHUNK
+    from .tensor_merge import chunked
+
+    workers = workers or ExecutorConfig().workers()
     plan, pool = inputs.plan, inputs.pool
     per_reader = [0] * len(pool)
     largest, largest_elems, largest_reads = "", 0, 0
@@ -130,10 +152,17 @@ def estimate(inputs, method: str, stats_cached: bool = False) -> Estimate:
     c = compute_dtype(inputs.cast_dtype).itemsize
     out_bytes = max((plan.out_dtypes[n].itemsize for n in plan.names), default=4)
     slots = largest_reads + work_slots(method, len(inputs.readers))
-    peak = PROCESS_BYTES + largest_elems * (c * slots + out_bytes)
-    rate = MERGE_BYTES_PER_S.get(method, DEFAULT_MERGE_BYTES_PER_S)
-    seconds = stat_bytes / STAT_BYTES_PER_S + one_pass / rate
-    notes = [] if method in MERGE_BYTES_PER_S else [f"no benchmark rate for {method}: the task-arithmetic rate is used"]
+    elementwise = bool(largest) and chunked(inputs, largest)
+    buffers = (largest_reads + 2) * CHUNK * (c + 2) if elementwise else largest_elems * (c * slots + out_bytes)
+    units = max(1, -(-plan.total_bytes // unit_bytes))
+    workers = min(workers, units)
+    peak = PROCESS_BYTES + (buffers if workers == 1 else workers * (WORKER_BYTES + buffers))
+    if elementwise:
+        rate, notes = ELEMENTWISE_MERGE_BYTES_PER_S.get(method, ELEMENTWISE_MERGE_BYTES_PER_S["task_arithmetic"]), []
+    else:
+        rate = MERGE_BYTES_PER_S.get(method, DEFAULT_MERGE_BYTES_PER_S)
+        notes = [] if method in MERGE_BYTES_PER_S else [f"no benchmark rate for {method}: the task-arithmetic rate is used"]
+    seconds = STARTUP_S + stat_bytes / STAT_BYTES_PER_S + one_pass / rate
     costs = [InputCost(r.label, str(r.path), per_reader[i]) for i, r in enumerate(pool)]
     return Estimate(method, costs, passes, one_pass + stat_bytes, plan.total_bytes, largest, int(peak),
                     round(seconds, 1), notes)

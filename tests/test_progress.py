@@ -40,6 +40,7 @@ def test_big_steps_report_the_tenth_reached_and_sizes_are_readable():
 def test_a_real_merge_reports_its_passes_to_the_sink(tiny_llama_fp32, tmp_path):
     """One progress over the whole merge (MetaGPT's norm units, then its merge units), in bytes."""
     from metamerge.executors import ExecutorConfig
+
     from models import load_state
 
     fam = tiny_llama_fp32
