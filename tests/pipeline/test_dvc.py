@@ -11,20 +11,23 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
-from metamerge.cache import cache_dir
 
 from pipeline_helpers import params_for
 
 REPO = Path(__file__).resolve().parents[2]
 DVC = str(Path(sys.executable).parent / "dvc")
+DVC_CACHE = Path(tempfile.mkdtemp(prefix="metamerge-dvc-test-cache-"))
 
 
 def sh(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "GIT_AUTHOR_NAME": "t",
+    # the stages' own norm cache (METAMERGE_CACHE_DIR), so what they compute does not depend on other tests
+    env = {**os.environ, "METAMERGE_CACHE_DIR": str(DVC_CACHE), "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
+           "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -125,7 +128,7 @@ def test_dvc_repro_then_nothing_then_push_pull(tiny_models, tmp_path):
     # one more fine-tune: the norms stage reruns, and computes only the new fine-tune's norms
     params["recipe"]["models"].append({"model": rel["ft-d"]})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    stats = cache_dir() / "statistics"  # the merge core's one norm cache, shared with metamerge merge
+    stats = DVC_CACHE / "statistics"  # the merge core's one norm cache, shared with metamerge merge
     norms_before = set(stats.iterdir())
     out = sh([DVC, "repro", "norms"], repo)
     assert "Running stage 'norms'" in out

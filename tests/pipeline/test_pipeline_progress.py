@@ -18,7 +18,8 @@ BAR_MARKS = ("\r", "it/s", "%|", "█")
 
 
 def _stage(stage: str, params: Path, workdir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # a cache of its own: the norms are computed here (and report progress), not read from the cache
+    env = {**os.environ, "PYTHONPATH": str(REPO), "METAMERGE_CACHE_DIR": str(workdir / "cache")}
     return subprocess.run([sys.executable, "-m", "flows.stages", stage, str(params), "--dir", str(workdir)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
