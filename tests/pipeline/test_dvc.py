@@ -16,7 +16,6 @@ from pathlib import Path
 
 import yaml
 
-
 from pipeline_helpers import params_for
 
 REPO = Path(__file__).resolve().parents[2]
