@@ -71,12 +71,27 @@ def prepare(stage: Path, shards: list[_Shard]) -> None:
         try:
             with open(path, "wb") as fh:
                 fh.write(prefix)
-                fh.truncate(size)
+                fh.flush()
+                _allocate(fh.fileno(), size)
         except OSError as exc:  # ENOSPC, EFBIG (file-size limit), EDQUOT: one line naming the file
             if exc.errno not in DISK_ERRNOS:
                 raise
             raise disk_error(exc, path) from None
         os.chmod(path, 0o666 & ~current_umask())
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Give the shard its blocks now (``posix_fallocate``), else a sparse file of that size.
+
+    Writing into a hole makes the filesystem allocate blocks page by page as units write; on ext4
+    here that ran at 0.25 GB/s against 10 GB/s into allocated blocks, the largest single cost of a
+    merge. It also makes a full disk fail here, before any tensor is merged."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
+            raise
+        os.ftruncate(fd, size)  # a filesystem without fallocate: a sparse file does as well
 
 
 def hash_range(path: Path, start: int, end: int) -> str:
@@ -113,13 +128,13 @@ def completed(stage: Path, units: list[UnitRange]) -> dict[int, dict]:
 
 
 def write_record(stage: Path, index: int, record: dict) -> None:
-    """Atomically (temporary sibling, fsync, rename): a record is whole or absent."""
+    """Atomically (temporary sibling, rename): a record is whole or absent to every reader. Not
+    synced: after a power cut a record may be lost (the unit is merged again) or outlive its data
+    (its range no longer matches its sha256 and the unit is merged again)."""
     path = record_path(stage, index)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(record, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
