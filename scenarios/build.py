@@ -73,7 +73,8 @@ def _build_params(size: str, seed: int, scenario: str = "skills") -> dict[str, A
     if scenario == "lora":
         return {"format_version": FORMAT_VERSION, "scenario": "lora", "size": size, "seed": seed,
                 "pretrain_tasks": list(SKILL_NAMES), "tasks": list(ADAPTER_SKILL_NAMES),
-                "spec": dataclasses.asdict(LORA_SIZES[size])}
+                # as scenario.json holds it (tuples become lists), or the cache would never match
+                "spec": json.loads(json.dumps(dataclasses.asdict(LORA_SIZES[size])))}
     return {
         "format_version": FORMAT_VERSION,
         "size": size,

@@ -57,3 +57,12 @@ def test_the_study_merges_and_evaluates_the_adapters(lora_study):
         assert lin["output_error"][t] == max(errs) and errs[0] == 0.0 and errs[-1] < 1e-9
     assert "## In short" in result["table"] and "task arithmetic at lambda 0.3" in result["table"]
     assert "max |cos| between task vectors" in result["table"]
+
+
+def test_a_second_build_reuses_the_scenario(lora_study):
+    from scenarios.build import build_scenario
+
+    root, _ = lora_study
+    stamp = (root / "scenario" / "scenario.json").stat().st_mtime_ns
+    manifest = build_scenario(root / "scenario", size="tiny", seed=0, progress=False, scenario="lora")
+    assert manifest.adapters and (root / "scenario" / "scenario.json").stat().st_mtime_ns == stamp
