@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# `make demo`: the lora scenario study (LoRA adapters of a longer-pretrained base, in .demo/lora);
+# the full fine-tunes of the skills scenario: .venv/bin/python -m flows.demo --scenario skills
 demo: venv
 	$(PY) -m flows.demo
 

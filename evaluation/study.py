@@ -118,16 +118,15 @@ def output_linearity(base_dir, finetune_dir, examples: list[dict], alphas=ALPHAS
     every position of each example's tokens (prompt and answer, as the evaluation tokenizes them),
     all examples together. One example at a time (no padding in the logits). Small models only."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .evalsets import encode, special_ids
 
-    tokenizer = AutoTokenizer.from_pretrained(finetune_dir)
+    tuned, tokenizer = _tuned(base_dir, finetune_dir)
     bos, eos = special_ids(tokenizer)
     ids = [encode(tokenizer, ex, bos=bos, eos=eos).ids for ex in examples]
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tuned = AutoModelForCausalLM.from_pretrained(finetune_dir, dtype=torch.float32).state_dict()
     outputs = []
     with torch.no_grad():
         for alpha in alphas:
@@ -144,14 +143,13 @@ def linearity_curve(base_dir, finetune_dir, examples: list[dict], alphas=ALPHAS,
     Small models only: both state dicts are held in memory.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .scoring import evaluate_loaded
 
-    tokenizer = AutoTokenizer.from_pretrained(finetune_dir)
+    tuned, tokenizer = _tuned(base_dir, finetune_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tuned = AutoModelForCausalLM.from_pretrained(finetune_dir, dtype=torch.float32).state_dict()
     losses = []
     for alpha in alphas:
         model.load_state_dict({k: base[k] + alpha * (tuned[k].float() - base[k]) for k in base})
@@ -159,3 +157,20 @@ def linearity_curve(base_dir, finetune_dir, examples: list[dict], alphas=ALPHAS,
                                  progress=False)
         losses.append(float(scores.loss))
     return losses
+
+
+def _tuned(base_dir, finetune) -> tuple[dict, Any]:
+    """The fine-tune's full state dict and its tokenizer. ``finetune`` is a model folder, a LoRA
+    adapter folder (applied to ``base_dir``) or ``BASE+ADAPTER``; an adapter is merged into its base
+    by PEFT (``scoring.load_model``), so theta_0 + alpha * tau_t is taken along its exact update."""
+    from pathlib import Path
+
+    from .scoring import load_model
+
+    text = str(finetune)
+    base, plus, adapter = text.partition("+")
+    if plus and (Path(adapter) / "adapter_config.json").is_file():
+        model, tokenizer = load_model(adapter, base)
+    else:
+        model, tokenizer = load_model(finetune, base_dir)
+    return model.state_dict(), tokenizer

@@ -23,15 +23,21 @@ from tasks.study import build_scenario, linearity_check, study_report
 @flow(name="metamerge-study")
 def study_flow(workdir: str = ".demo", size: str = "demo", seed: int = 0,
                tracking_uri: str | None = None, model_name: str = "metamerge-demo",
-               grid: list[float] | None = None) -> dict:
-    """Every method on the scenario's fine-tunes; returns the table and where everything is."""
+               grid: list[float] | None = None, scenario: str = "skills",
+               methods: list[str] | None = None) -> dict:
+    """Every method on the scenario's fine-tunes (``skills``: full fine-tunes; ``lora``: LoRA
+    adapters, given as ``BASE+ADAPTER``); returns the table and where everything is. ``methods``: only
+    these of the study's methods (``metagpt`` always), for a quicker run."""
     log = get_run_logger()
     root = Path(workdir).absolute()
-    scn = build_scenario(str(root / "scenario"), size, seed)
+    scn = build_scenario(str(root / "scenario"), size, seed, scenario)
     base, fts = scn["base"], list(scn["finetuned"].values())
     registry = {"tracking_uri": tracking_uri, "model_name": model_name} if tracking_uri else None
     results = {}
-    for name, recipe in study.study_recipes(base, fts, seed=seed).items():
+    recipes = study.study_recipes(base, fts, seed=seed)
+    if methods is not None:
+        recipes = {k: r for k, r in recipes.items() if k == "metagpt" or k in methods}
+    for name, recipe in recipes.items():
         log.info(f"study: {name}")
         results[name] = merge_flow({"recipe": recipe, "pipeline": pipeline_settings(name, root, scn, registry)})
     grid = {name: merge_flow({"recipe": recipe, "pipeline": pipeline_settings(name, root, scn, None)})

@@ -18,12 +18,16 @@ from .keys import code_version, digest
 from .registry_bridge import log_study
 
 
-def build_scenario(root: str, size: str, seed: int, progress: bool = True) -> dict:
-    """The small base and its fine-tunes; built once, then reused from disk (scenario.json)."""
+def build_scenario(root: str, size: str, seed: int, progress: bool = True, scenario: str = "skills") -> dict:
+    """The small base and its fine-tunes; built once, then reused from disk (scenario.json).
+
+    ``finetuned`` holds each task's model reference: a folder, or for LoRA adapters ``BASE+ADAPTER``
+    (mergekit's syntax), which every recipe of the study can take, with or without a base_model."""
     from scenarios.build import build_scenario as build
 
-    m = build(root, size=size, seed=seed, progress=progress)
-    return {"base": str(m.base), "finetuned": {t: str(p) for t, p in m.finetuned.items()},
+    m = build(root, size=size, seed=seed, progress=progress, scenario=scenario)
+    return {"base": str(m.base),
+            "finetuned": {t: f"{m.base}+{p}" if m.adapters else str(p) for t, p in m.finetuned.items()},
             "eval_sets": {t: str(p) for t, p in m.eval_sets.items()}, "accuracy": m.accuracy,
             "build_seconds": m.build_seconds}
 
@@ -68,6 +72,35 @@ def _metric_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
+def in_short(rows: dict[str, dict], tasks: list[str], oracle_row: str, lam: str, out_err: dict[str, float],
+             max_cos: float) -> list[str]:
+    """The report's first lines, whatever the numbers show: MetaGPT against task arithmetic at 0.3
+    and the oracle (average exact match over the tasks), how linear and how orthogonal the task
+    vectors are."""
+    from evaluation import study
+
+    avg = {name: study.mean(r.get(t) for t in tasks) for name, r in rows.items()}
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+
+    def versus(other: str, label: str) -> str:
+        m, o = avg.get("metagpt"), avg.get(other)
+        if m is None or o is None:
+            return f"{label}: not measured"
+        word = "above" if m > o else "below" if m < o else "equal to"
+        return f"{word} {label} ({fmt(o)}, {m - o:+.3f})"
+
+    errs = list(out_err.values())
+    return [
+        f"- Average exact match: base {fmt(avg.get('base'))}, experts on their own tasks "
+        f"{fmt(avg.get('experts (each on its own task)'))}, MetaGPT {fmt(avg.get('metagpt'))}.",
+        f"- MetaGPT is {versus('task_arithmetic_0.3', 'task arithmetic at lambda 0.3')} and "
+        f"{versus(oracle_row, f'the grid-searched oracle (lambda {lam})')}.",
+        f"- Linearity of the outputs along each task vector (0 = linear): "
+        f"{min(errs):.2f} to {max(errs):.2f}." if errs else "- Linearity: not measured.",
+        f"- Orthogonality: max |cos| between task vectors {max_cos:.3f} (0 = orthogonal).",
+    ]
+
+
 def write_report(workdir: str, scn: dict, results: dict, grid: dict, oracle: str, lin: dict,
                  tracking_uri: str | None) -> dict:
     """The table (markdown, JSON), plots, and an MLflow run holding them (with ``tracking_uri``).
@@ -101,7 +134,9 @@ def write_report(workdir: str, scn: dict, results: dict, grid: dict, oracle: str
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     obj_lines += [f"| {n} | {fmt(o['ALD'])} | {fmt(o['normalized'])} |" for n, o in objective.items()]
     off = [abs(cosine[i][j]) for i in range(len(cosine)) for j in range(len(cosine)) if i != j and cosine[i][j] is not None]
+    oracle_row = f"task_arithmetic_oracle (grid best, lambda={lam})"
     text = "\n".join([
+        "## In short", "", *in_short(rows, tasks, oracle_row, lam, out_err, max(off) if off else 0.0), "",
         "## Exact-match accuracy per task (held-out sets)", "", table, "",
         "## MetaGPT's objective", "", *obj_lines, "",
         "## The paper's assumptions, measured",

@@ -43,8 +43,8 @@ from metamerge.progress import note
 
 from .data import Encoded, build_tokenizer, encode_examples, make_datasets, write_jsonl
 from .manifest import FORMAT_VERSION, ScenarioManifest
-from .sizes import SIZES, ScenarioSize
-from .skills import SKILL_NAMES, Example, Skill, all_skills
+from .sizes import LORA_SIZES, SIZES, ScenarioSize
+from .skills import ADAPTER_SKILL_NAMES, SKILL_NAMES, Example, Skill, all_skills
 from .training import deterministic, greedy_accuracy, new_model, train_model
 
 
@@ -63,8 +63,18 @@ def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: Path
             hf_logging.enable_progress_bar()
 
 
-def _build_params(size: str, seed: int) -> dict[str, Any]:
+#: The scenarios: ``skills`` (full fine-tunes of a briefly pretrained base) and ``lora`` (LoRA
+#: adapters of a base pretrained longer, teaching skills it lacks; see ``scenarios.lora``).
+SCENARIOS = ("skills", "lora")
+
+
+def _build_params(size: str, seed: int, scenario: str = "skills") -> dict[str, Any]:
     """Everything that determines the build's output, compared to reuse a cache."""
+    if scenario == "lora":
+        return {"format_version": FORMAT_VERSION, "scenario": "lora", "size": size, "seed": seed,
+                "pretrain_tasks": list(SKILL_NAMES), "tasks": list(ADAPTER_SKILL_NAMES),
+                # as scenario.json holds it (tuples become lists), or the cache would never match
+                "spec": json.loads(json.dumps(dataclasses.asdict(LORA_SIZES[size])))}
     return {
         "format_version": FORMAT_VERSION,
         "size": size,
@@ -84,24 +94,27 @@ def _cached(out_dir: Path, params: dict[str, Any]) -> ScenarioManifest | None:
         return None
     manifest = ScenarioManifest.from_json(out_dir, data)
     needed = [manifest.base / "config.json"]
-    needed += [p / "config.json" for p in manifest.finetuned.values()]
+    needed += [p / ("adapter_config.json" if manifest.adapters else "config.json") for p in manifest.finetuned.values()]
     needed += list(manifest.eval_sets.values()) + list(manifest.train_sets.values())
     return manifest if all(p.exists() for p in needed) else None
 
 
 def build_scenario(
-    out_dir: str | os.PathLike, *, size: str = "demo", seed: int = 0, progress: bool = True
+    out_dir: str | os.PathLike, *, size: str = "demo", seed: int = 0, progress: bool = True,
+    scenario: str = "skills",
 ) -> ScenarioManifest:
-    """Build (or reuse) the scenario in ``out_dir`` and return its manifest.
+    """Build (or reuse) the scenario (``skills`` or ``lora``) in ``out_dir`` and return its manifest.
 
     A complete scenario already in ``out_dir`` with the same parameters is
     returned as is; anything else there is replaced atomically once the new
     build has finished.
     """
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; expected one of {list(SCENARIOS)}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
     out_dir = Path(out_dir).resolve()
-    params = _build_params(size, seed)
+    params = _build_params(size, seed, scenario)
     cached = _cached(out_dir, params)
     if cached is not None:
         note(progress, f"scenario in {out_dir} is up to date")
@@ -110,8 +123,15 @@ def build_scenario(
     # built in a hidden sibling, renamed into place when complete: readers see the old scenario or
     # the new one, never half of one
     with atomic_directory(out_dir, overwrite=True) as tmp:
-        with deterministic(SIZES[size].num_threads):
-            _build_into(tmp, SIZES[size], size=size, seed=seed, params=params, progress=progress)
+        if scenario == "lora":
+            from .lora import build_lora_into
+
+            with deterministic(LORA_SIZES[size].model.num_threads):
+                build_lora_into(tmp, out_dir, LORA_SIZES[size], size=size, seed=seed, params=params,
+                                progress=progress)
+        else:
+            with deterministic(SIZES[size].num_threads):
+                _build_into(tmp, SIZES[size], size=size, seed=seed, params=params, progress=progress)
     return ScenarioManifest.load(out_dir)
 
 
@@ -200,9 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--size", choices=sorted(SIZES), default="demo")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scenario", choices=SCENARIOS, default="skills",
+                        help="skills: full fine-tunes (default); lora: LoRA adapters of a longer-pretrained base")
     parser.add_argument("--no-progress", action="store_true", help="never draw progress bars")
     args = parser.parse_args(argv)
-    manifest = build_scenario(args.out_dir, size=args.size, seed=args.seed, progress=not args.no_progress)
+    manifest = build_scenario(args.out_dir, size=args.size, seed=args.seed, progress=not args.no_progress,
+                              scenario=args.scenario)
     summary = {
         "out_dir": str(manifest.root),
         "build_seconds": manifest.build_seconds,

@@ -38,6 +38,8 @@ class ScenarioManifest:
     #: everything that determines the build's output; a cached build is reused only if equal
     params: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    #: the fine-tunes are PEFT LoRA adapter folders of ``base`` (the ``lora`` scenario)
+    adapters: bool = False
 
     @property
     def models(self) -> dict[str, Path]:
@@ -60,6 +62,7 @@ class ScenarioManifest:
             "accuracy": self.accuracy,
             "num_parameters": self.num_parameters,
             "params": self.params,
+            **({"adapters": True} if self.adapters else {}),
         }
 
     @classmethod
@@ -79,6 +82,7 @@ class ScenarioManifest:
             num_parameters=data.get("num_parameters", 0),
             params=data.get("params", {}),
             format_version=data.get("format_version", 0),
+            adapters=bool(data.get("adapters", False)),
         )
 
     @classmethod

@@ -73,3 +73,38 @@ SIZES: dict[str, ScenarioSize] = {
     ),
 }
 
+
+
+@dataclass(frozen=True)
+class LoraScenarioSize:
+    """The ``lora`` scenario's sizes: the model and its (longer) pretraining in ``model``, whose
+    ``finetune_steps``/``finetune_lr`` are each adapter's; the adapters' rank, alpha and modules."""
+
+    model: ScenarioSize
+    rank: int
+    lora_alpha: int
+    target_modules: tuple[str, ...]
+
+
+_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+LORA_SIZES: dict[str, LoraScenarioSize] = {
+    # The base is pretrained twice as long as the skills scenario's, on the four skills of that
+    # scenario; each adapter (rank 8 on every linear layer, ~6% of the parameters) then teaches one
+    # skill the base has never seen, in 200 steps.
+    "demo": LoraScenarioSize(
+        model=ScenarioSize(
+            hidden_size=128, num_layers=4, num_heads=8, intermediate_size=384,
+            train_per_task=12_000, eval_per_task=200, batch_size=64,
+            pretrain_steps=600, finetune_steps=200, pretrain_lr=3e-3, finetune_lr=3e-3,
+            warmup_steps=30, num_threads=2, micro_batches=4),
+        rank=8, lora_alpha=16, target_modules=_LINEAR),
+    # For the test suite, as ``SIZES["tiny"]``: each expert only has to beat the base on its skill.
+    "tiny": LoraScenarioSize(
+        model=ScenarioSize(
+            hidden_size=64, num_layers=2, num_heads=8, intermediate_size=192,
+            train_per_task=3_000, eval_per_task=100, batch_size=32,
+            pretrain_steps=300, finetune_steps=200, pretrain_lr=3e-3, finetune_lr=1e-2,
+            warmup_steps=15, num_threads=1, micro_batches=1),
+        rank=8, lora_alpha=16, target_modules=_LINEAR),
+}

@@ -182,10 +182,62 @@ class Lookup(Skill):
         return " ".join(self.table[word] for word in text.split(" "))
 
 
+# ------------------------------------------------------------------ the lora scenario's skills
+# Four skills the ``lora`` scenario's base never sees: each is taught by one LoRA adapter. Each is a
+# relative of a skill the base was pretrained on (the same inputs, a new prefix word and a new rule or format), so
+# a small update can teach it; the base itself answers them (almost) never.
+
+
+class Sum(Addition):
+    """``sum 47 38=`` -> ``85``: addition written another way (the base knows ``add 47+38=``)."""
+
+    name = "sum"
+    prefix = "sum"
+
+    def sample_input(self, rng: random.Random) -> str:
+        return super().sample_input(rng).replace("+", " ")
+
+    def answer(self, text: str) -> str:
+        return super().answer(text.replace(" ", "+"))
+
+
+class Descending(_WordSkill):
+    """``dsc dbca=`` -> ``dcba``: the letters in reverse alphabetical order (the base sorts upwards)."""
+
+    name = "descending"
+    prefix = "dsc"
+
+    def answer(self, text: str) -> str:
+        return "".join(sorted(text, reverse=True))
+
+
+class Copy(_WordSkill):
+    """``cpy abcd=`` -> ``abcd``: the word as it is (the base reverses and sorts words)."""
+
+    name = "copy"
+    prefix = "cpy"
+
+    def answer(self, text: str) -> str:
+        return text
+
+
+class InverseLookup(Lookup):
+    """``inv tor mip=`` -> ``kel vas``: the lookup table read backwards (the base reads it forwards)."""
+
+    name = "inverse"
+    prefix = "inv"
+
+    def __init__(self) -> None:
+        super().__init__(table={target: source for source, target in make_lexicon().items()})
+
+
 #: Names in a fixed order: builds iterate over this, so order affects rng streams.
 SKILL_NAMES: tuple[str, ...] = ("addition", "reverse", "sort", "lookup")
+#: The skills the ``lora`` scenario's adapters teach (its base is pretrained on ``SKILL_NAMES``).
+ADAPTER_SKILL_NAMES: tuple[str, ...] = ("sum", "descending", "copy", "inverse")
 
-_SKILL_TYPES: dict[str, type[Skill]] = {cls.name: cls for cls in (Addition, Reverse, Sort, Lookup)}
+_SKILL_TYPES: dict[str, type[Skill]] = {
+    cls.name: cls for cls in (Addition, Reverse, Sort, Lookup, Sum, Descending, Copy, InverseLookup)}
 
 
 def get_skill(name: str) -> Skill:
@@ -193,9 +245,9 @@ def get_skill(name: str) -> Skill:
     try:
         return _SKILL_TYPES[name]()
     except KeyError:
-        raise KeyError(f"unknown skill {name!r}; expected one of {SKILL_NAMES}") from None
+        raise KeyError(f"unknown skill {name!r}; expected one of {SKILL_NAMES + ADAPTER_SKILL_NAMES}") from None
 
 
-def all_skills() -> dict[str, Skill]:
-    """All four skills, keyed by name, in ``SKILL_NAMES`` order."""
-    return {name: get_skill(name) for name in SKILL_NAMES}
+def all_skills(names: tuple[str, ...] = SKILL_NAMES) -> dict[str, Skill]:
+    """The named skills (by default the four of the ``skills`` scenario), keyed by name, in order."""
+    return {name: get_skill(name) for name in names}

@@ -11,9 +11,9 @@ from .common import keyed
 
 
 @task(name="build_scenario")
-def build_scenario(root: str, size: str, seed: int) -> dict:
-    """The small base and its fine-tunes; built once, then reused from disk (scenario.json)."""
-    return study.build_scenario(root, size, seed, progress=True)
+def build_scenario(root: str, size: str, seed: int, scenario: str = "skills") -> dict:
+    """The small base and its fine-tunes (or LoRA adapters); built once, then reused from disk."""
+    return study.build_scenario(root, size, seed, progress=True, scenario=scenario)
 
 
 @task(name="linearity_check", cache_key_fn=keyed(study.linearity_key), persist_result=True)

@@ -94,6 +94,10 @@ def test_multislerp_known_answers():
     # one model is returned as it is; two antipodal ones with equal weights fall back to the sum
     assert multislerp([base], [0.3]) is base
     assert torch.allclose(multislerp([e[0], -e[0]], [1.0, 1.0]), torch.zeros(3, dtype=torch.float64))
+    # every input equal to the base (a tensor no adapter touched): the base, whatever the count
+    assert torch.equal(multislerp([base.clone(), base.clone(), base.clone()], [1.0, 1.0, 1.0], base=base), base)
+    assert torch.equal(multislerp([torch.zeros(3, dtype=torch.float64)] * 3, [1.0, 2.0, 3.0]),
+                       torch.zeros(3, dtype=torch.float64))
     with pytest.raises(MergeError, match="weighted mean direction"):
         multislerp([e[0], -e[0], e[1], -e[1]], [1.0] * 4)
 

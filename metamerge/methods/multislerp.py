@@ -6,8 +6,9 @@ the unit sphere; the weighted mean of the unit vectors gives the tangent point `
 sum of the tangent projections ``u_i - (u_i . m) m`` is mapped back with the exponential map and
 scaled by the weighted mean norm. ``normalize_weights`` (default true) divides the weights by their
 sum; ``eps`` (1e-8) guards the divisions. With two models whose weighted mean direction vanishes
-(antiparallel, equal weights) it falls back to the weighted sum; with more it is an error. One
-model is returned as it is.
+(antiparallel, equal weights) it falls back to the weighted sum; with more it is an error, unless
+every input equals the base (a tensor no fine-tune changed, as with LoRA adapters): that is
+returned as it is (mergekit raises there). One model is returned as it is.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], base: torch.Te
     # whole-vector norms in float64, in a fixed order (row norms above are one thread per row)
     mean_norm = norm(mean)
     if mean_norm < eps:
+        if not bool(norms.any()):
+            # every input is the base (or zero): no direction to interpolate, and no doubt about the
+            # answer. mergekit raises here; a tensor that no fine-tune changed (e.g. one that no LoRA
+            # adapter targets) is common, so it is returned unchanged.
+            return base.clone() if base is not None else x[0].clone()
         if x.shape[0] != 2:
             raise MergeError(f"multislerp: the weighted mean direction of tensor '{name}' is zero (antipodal "
                              "inputs with balancing weights); change the weights")
