@@ -14,7 +14,8 @@ Run by hand (not a test; about 10 minutes at 1B on 2 cores):
   the cold run just filled (hashes and norms cached: the merge pass only);
 - peak memory: the peak over time of the summed PSS of the command and all its descendants
   (worker processes included; PSS splits shared pages, so a library mapped by 3 processes counts
-  once), sampled every 20 ms, beside ru_maxrss of the largest single process.
+  once), sampled every 250 ms (more often, the sampling itself slowed the runs), beside ru_maxrss
+  of the largest single process.
 """
 
 from __future__ import annotations
@@ -38,16 +39,15 @@ from bench_merge import build_models, dir_gb, warm_page_cache  # noqa: E402
 from mergekit_runner import find_mergekit  # noqa: E402
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            kids.setdefault(ppid, []).append(int(d))
+def _children(pid: int) -> list[int]:
+    """The children of ``pid`` (from /proc/PID/task/*/children: no scan of every process)."""
+    kids: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                kids += [int(x) for x in fh.read().split()]
+    except OSError:
+        pass
     return kids
 
 
@@ -63,13 +63,15 @@ def _pss_kib(pid: int) -> int:
 
 
 def tree_pss_gib(root: int) -> float:
-    kids = _children()
     todo, total = [root], 0
     while todo:
         pid = todo.pop()
         total += _pss_kib(pid)
-        todo.extend(kids.get(pid, []))
+        todo.extend(_children(pid))
     return total / (1 << 20)
+
+
+SAMPLE_S = 0.25  # reading smaps_rollup walks page tables: sampled often, it steals a core from the run
 
 
 def run(cmd: list[str], env: dict) -> dict:
@@ -82,7 +84,7 @@ def run(cmd: list[str], env: dict) -> dict:
     def sample():
         while not stop.is_set():
             peak[0] = max(peak[0], tree_pss_gib(proc.pid))
-            stop.wait(0.02)
+            stop.wait(SAMPLE_S)
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
