@@ -48,7 +48,7 @@ def test_a_real_merge_reports_its_passes_to_the_sink(tiny_llama_fp32, tmp_path):
     with report_to(lines.append):
         result = run_merge({"merge_method": "metagpt", "base_model": str(fam.base),
                             "models": [{"model": r} for r in fam.refs]}, tmp_path / "out",
-                           unit_bytes=2048, executor=ExecutorConfig(n_workers=1))
+                           unit_bytes=2048, executor=ExecutorConfig(n_workers=1), use_cache=False)
     merge_lines = [line for line in lines if line.startswith("merge: ")]
     norm_bytes = sum(t.numel() * t.element_size() for t in load_state(fam.base).values()) * (1 + len(fam.refs))
     total = result.plan.total_bytes + norm_bytes
