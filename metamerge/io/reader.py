@@ -191,13 +191,7 @@ class ModelReader:
             raise MergeError(f"{self.label}: tensor '{name}' is missing")
         if info.file in self._pickled:
             return self._pickled[info.file][name]
-        fh = self._handles.get(info.file)
-        if fh is None:
-            try:
-                fh = open(self.path / info.file, "rb", buffering=0)
-            except OSError as exc:
-                raise MergeError(f"{self.label}: cannot open {info.file} ({exc.strerror}); re-download it") from None
-            self._handles[info.file] = fh
+        fh = self._handle(info.file)
         buf = into if into is not None else bytearray(info.nbytes)
         fh.seek(info.offset)
         got = fh.readinto(memoryview(buf)[:info.nbytes])
@@ -207,6 +201,17 @@ class ModelReader:
             return torch.empty(info.shape, dtype=info.dtype)
         return torch.frombuffer(buf, dtype=info.dtype, count=info.numel).reshape(info.shape)
 
+    def _handle(self, file: str):
+        """The open file ``file`` of the folder, opened once and kept for every later read."""
+        fh = self._handles.get(file)
+        if fh is None:
+            try:
+                fh = open(self.path / file, "rb", buffering=0)
+            except OSError as exc:
+                raise MergeError(f"{self.label}: cannot open {file} ({exc.strerror}); re-download it") from None
+            self._handles[file] = fh
+        return fh
+
     def get_flat(self, name: str, start: int, count: int, into: bytearray | None = None) -> torch.Tensor:
         """Entries ``[start, start + count)`` of the flattened tensor, in its stored dtype: one
         positioned read of just those bytes (a large tensor merged a chunk at a time)."""
@@ -215,13 +220,7 @@ class ModelReader:
             raise MergeError(f"{self.label}: tensor '{name}' is missing")
         if info.file in self._pickled:
             return self._pickled[info.file][name].reshape(-1)[start:start + count]
-        fh = self._handles.get(info.file)
-        if fh is None:
-            try:
-                fh = open(self.path / info.file, "rb", buffering=0)
-            except OSError as exc:
-                raise MergeError(f"{self.label}: cannot open {info.file} ({exc.strerror}); re-download it") from None
-            self._handles[info.file] = fh
+        fh = self._handle(info.file)
         size = info.dtype.itemsize
         nbytes = count * size
         buf = into if into is not None else bytearray(nbytes)
