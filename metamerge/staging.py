@@ -23,10 +23,10 @@ from pathlib import Path
 
 from .atomic import current_umask
 from .errors import DISK_ERRNOS, disk_error
+from .io.direct import read_range
 from .io.writer import _Shard, shard_prefix
 
 STAGE = "stage-"
-READ_CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -96,15 +96,7 @@ def _allocate(fd: int, size: int) -> None:
 
 def hash_range(path: Path, start: int, end: int) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        fh.seek(start)
-        left = end - start
-        while left > 0:
-            chunk = fh.read(min(READ_CHUNK, left))
-            if not chunk:
-                break
-            h.update(chunk)
-            left -= len(chunk)
+    read_range(path, start, end, h.update)
     return h.hexdigest()
 
 
@@ -191,15 +183,8 @@ class ShardHasher:
                         return
                     file, lo, hi = job
                     del self._ready[file][lo]
-                with open(self._stage / file, "rb") as fh:
-                    fh.seek(lo)
-                    left = hi - lo
-                    while left > 0:
-                        chunk = fh.read(min(READ_CHUNK, left))
-                        if not chunk:
-                            raise OSError(f"{self._stage / file}: shorter than planned")
-                        self._hash[file].update(chunk)
-                        left -= len(chunk)
+                # around the page cache, like the units' writes: no fresh page of memory per byte
+                read_range(self._stage / file, lo, hi, self._hash[file].update)
                 with self._cond:
                     self._next[file] = hi
         except BaseException as exc:  # noqa: BLE001 - reported by result()

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import MergeError
+from .io.direct import RangeWriter, read_range
 from .loading import Workspace
 from .norms import task_vector_statistics
 from .refs import ResolvedModel
@@ -135,35 +136,27 @@ def run_merge_unit(unit: MergeUnit) -> dict:
     h = hashlib.sha256()
     tensors: list[dict] = []
     where_written: dict[str, tuple[int, int]] = {}  # this unit's tensors: their byte range in the shard
-    offset = r.start
-    fd = os.open(path, os.O_RDWR)
+    out = RangeWriter(path, r.start, r.end)
 
     def emit(data) -> None:
-        nonlocal offset
         if isinstance(data, torch.Tensor):
             data = memoryview(data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
-        _pwrite_all(fd, data, offset, path)
+        out.write(data)
         h.update(data)
-        offset += len(data)
 
     try:
         for name in r.names:
-            begin = offset
+            begin = out.pos
             if name in plan.aliases:  # tied: the same bytes as its target
                 target = plan.aliases[name]
                 earlier = {t[0]: t[1:] for t in unit.tied}
                 if target in where_written:  # written by this unit: copy its bytes
                     lo, hi = where_written[target]
                     for pos in range(lo, hi, COPY_CHUNK):
-                        emit(os.pread(fd, min(COPY_CHUNK, hi - pos), pos))
+                        emit(out.read(pos, min(pos + COPY_CHUNK, hi)))
                 elif target in earlier:  # written by an earlier unit (run in order): copy it
                     file, lo, hi = earlier[target]
-                    src = os.open(stage / file, os.O_RDONLY)
-                    try:
-                        for pos in range(lo, hi, COPY_CHUNK):
-                            emit(os.pread(src, min(COPY_CHUNK, hi - pos), pos))
-                    finally:
-                        os.close(src)
+                    read_range(stage / file, lo, hi, emit, COPY_CHUNK)
                 else:  # written by another unit, maybe not yet: merge it again, same bytes
                     merge_tensor(inputs, target, ws, device, stats, emit)
                 tensors.append({"name": name, "tied_to": target})
@@ -171,30 +164,16 @@ def run_merge_unit(unit: MergeUnit) -> dict:
                 merged = merge_tensor(inputs, name, ws, device, stats, emit)
                 tensors.append({"name": name, "gram": merged.gram, "coefficients": merged.coefficients,
                                 "members": list(merged.members) if merged.members is not None else None})
-            where_written[name] = (begin, offset)
-        if offset != r.end:
-            raise RuntimeError(f"unit {r.index} wrote {offset - r.start} bytes, planned {r.nbytes}")
+            where_written[name] = (begin, out.pos)
         # No fsync: a resumed merge re-hashes every recorded range, so a record that outlived its
         # data (a power cut) is caught and the unit merged again; syncing each unit cost a third of
         # the merge's time.
+        out.close()
     finally:
-        os.close(fd)
+        out.abort()
     record = {"file": r.file, "start": r.start, "end": r.end, "sha256": h.hexdigest(), "tensors": tensors}
     write_record(stage, r.index, record)
     return {"index": r.index, **record}
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
-    from .errors import DISK_ERRNOS, disk_error
-
-    try:
-        while len(data):
-            n = os.pwrite(fd, data, offset)
-            data, offset = data[n:], offset + n
-    except OSError as exc:  # ENOSPC, EFBIG, EDQUOT: one line naming the file
-        if exc.errno not in DISK_ERRNOS:
-            raise
-        raise disk_error(exc, path) from None
 
 
 def statistic_total(values: dict[str, float], names: list[str]) -> float:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from metamerge import units
+from metamerge.io.direct import RangeWriter
 from metamerge.errors import MergeError
 from metamerge.executors import ExecutorConfig
 
@@ -362,13 +362,13 @@ def test_failure_mid_merge_leaves_nothing(overwrite, tiny_llama_fp32, tmp_path, 
         state[last].view(-1)[-1] = float("nan")
     bad = damaged(fam, tmp_path, poison)
     writes = []
-    real_write = units._pwrite_all
+    real_write = RangeWriter.write
 
-    def spy(fd, data, offset, path):
-        writes.append(path)
-        return real_write(fd, data, offset, path)
+    def spy(self, data):
+        writes.append(self.path)
+        return real_write(self, data)
 
-    monkeypatch.setattr(units, "_pwrite_all", spy)
+    monkeypatch.setattr(RangeWriter, "write", spy)
     out = tmp_path / "out"
     if overwrite:
         out.mkdir()
