@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from metamerge.io.direct import RangeWriter
 from metamerge.errors import MergeError
 from metamerge.executors import ExecutorConfig
+from metamerge.io.direct import RangeWriter
 
 from models import assert_nothing_written, derive, load_state, pickled, run_merge
 
