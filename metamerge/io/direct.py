@@ -154,8 +154,8 @@ def read_range(path: Path, lo: int, hi: int, consume, chunk: int = 16 << 20) -> 
             n = os.preadv(dfd, [view], pos)
             if n <= lo - pos:
                 raise OSError(f"{path}: shorter than planned")
-            with view[lo - pos:min(n, hi - pos)] as piece:
-                consume(piece)
+            with view[lo - pos:min(n, hi - pos)] as part:
+                consume(part)
             lo = pos + min(n, hi - pos)
             pos = lo // BLOCK * BLOCK
     finally:
