@@ -37,16 +37,12 @@ from safetensors.torch import save_file
 from .atomic import atomic_directory, out_lock
 from .device import resolve_device
 from .engine import (
-    PROVENANCE,
-    RECIPE_FILE,
-    TOKENIZER_GLOBS,
     MergeOptions,
-    _provenance,
     _refuse_out_over_input,
-    compute_statistics,
     open_inputs,
 )
 from .errors import MergeError
+from .finalize import PROVENANCE, RECIPE_FILE, TOKENIZER_GLOBS, provenance_of
 from .io.adapter import AdapterReader
 from .io.untrusted import own_file
 from .lora import ADAPTER_CONFIG, PREFIX, load_factors
@@ -55,6 +51,7 @@ from .modelcard import render_model_card
 from .recipe import Recipe
 from .refs import BackgroundHashes, ResolvedModel
 from .report import REPORT_FILE, MergeReport
+from .statistics import compute_statistics
 
 METHODS = ("linear", "task_arithmetic", "metagpt")
 WEIGHTS = "adapter_model.safetensors"
@@ -187,7 +184,7 @@ def merge_to_adapter(recipe: Recipe, out_dir: str | Path, options: MergeOptions 
         (tmp / RECIPE_FILE).write_text(recipe_text if recipe_text is not None else recipe.to_yaml())
         (tmp / REPORT_FILE).write_text(report.to_json())
         (tmp / "README.md").write_text(render_model_card(recipe, report, inputs) + ADAPTER_NOTE)
-        provenance = _provenance(tmp, recipe, inputs, {}, resolve_device(options.device))
+        provenance = provenance_of(tmp, recipe, inputs, {}, resolve_device(options.device))
         provenance["output"] = "lora_adapter"
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     return AdapterMergeResult(out, len(ranks), max(ranks.values()), means, relative_error)

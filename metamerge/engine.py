@@ -1,9 +1,11 @@
-"""The merge: one plain loop over tensor names, streaming from the inputs to output shards.
+"""The merge: a plan, then units, then the finalize step.
 
 Memory holds the base and one tensor per fine-tune at a time, never a model. Order of work:
 resolve and pin every input, check headers and plan the output (no tensor read yet), run the norm
-pass if the method needs whole-model norms, then merge tensor by tensor into a temporary directory
-that is renamed into place only when everything, report and provenance included, is written.
+units if the method needs whole-model norms that are not cached (:mod:`metamerge.statistics`), then
+the merge units (:mod:`metamerge.units`, cut by :mod:`metamerge.unit_plan`) write their byte ranges
+into a staging directory that becomes OUT, renamed into place only when everything, report and
+provenance included (:mod:`metamerge.finalize`), is written.
 """
 
 from __future__ import annotations
@@ -17,35 +19,33 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, cache, staging
+from . import __version__, staging
 from .atomic import out_lock, publish
 from .checks import Plan, TensorSource, plan_merge
 from .device import resolve_device
-from .diagnostics import Diagnostics
 from .errors import MergeError
 from .executors import ExecutorConfig, WorkerLost, run_units
+from .finalize import PROVENANCE, provenance_of, report_of, write_side_files
 from .io import ModelReader, parse_size
-from .io.untrusted import own_file
-from .io.writer import index_text, shard_layout, shard_prefix
+from .io.writer import index_text, shard_layout
 from .loading import DTYPES, open_reader
 from .methods import get_method
 from .methods.base import MergeMethod
-from .modelcard import render_model_card
-from .norms import task_vector_statistics
 from .progress import progress_bar
 from .recipe import Recipe
 from .refs import BackgroundHashes, ModelRef, ResolvedModel, model_files, resolve, sha256_file, with_base
-from .report import REPORT_FILE, MergeReport
+from .report import MergeReport
 from .slices import plan_slices, slices_of
+from .statistics import (
+    cached_statistics,
+    norm_units,
+    statistic_names,
+    store_statistics,
+)
+from .unit_plan import gather_diagnostics, tied_locations, unit_ranges
 from .units import MergeSpec, MergeUnit, NormUnit, run_merge_unit, run_norm_unit, statistic_total
 
-TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "added_tokens.json",
-                   "chat_template*")
 UNIT_BYTES = 256 << 20  # a merge unit: enough work to hide its overhead, small enough to spread
-NORM_UNIT_BYTES = 512 << 20  # a norm unit: this many bytes of the base (and as many per fine-tune)
-REPORT = REPORT_FILE
-PROVENANCE = "provenance.json"
-RECIPE_FILE = "merge_recipe.yaml"
 
 
 @dataclass
@@ -190,37 +190,6 @@ def _num_layers(config: dict) -> int | None:
     return None
 
 
-def compute_statistics(inputs: Inputs, indices: list[int], device: torch.device,
-                       progress: bool = True) -> list[dict[str, float]]:
-    """The method's statistic pass for the entries ``indices`` (MetaGPT: squared norms of each
-    sparsified task vector), per tensor, one dict per entry, in this process."""
-    names = _statistic_names(inputs)
-    assert inputs.base_reader is not None, "a model statistic is of task vectors: the method needs a base"
-    total = sum(inputs.base_reader.tensors[n].nbytes for n in names) * (1 + len(indices))
-    with _bar(total, inputs.method.model_statistic or "statistics", progress) as bar:
-        return task_vector_statistics(inputs.method, indices, inputs.base_reader,
-                                      [inputs.readers[i] for i in indices], names,
-                                      device=device, cast_dtype=inputs.cast_dtype,
-                                      shared_rows=inputs.plan.shared_rows, progress=bar.update)
-
-
-def fine_tune_statistics(inputs: Inputs, index: int, device: torch.device) -> tuple[dict[str, float], bool]:
-    """Entry ``index``'s statistic per tensor, and whether it came from the cache: the one norm
-    cache, shared by ``metamerge merge`` and the pipeline (keyed by content, :mod:`metamerge.cache`)."""
-    found, keys = _cached_statistics(inputs, device)
-    if index in found:
-        return found[index], True
-    (values,) = compute_statistics(inputs, [index], device, progress=False)
-    if index in keys:
-        cache.store_statistics(keys[index], values, {"base": inputs.base.ref if inputs.base else None,
-                                                     "model": inputs.models[index].ref})
-    return values, False
-
-
-def _statistic_names(inputs: Inputs) -> list[str]:
-    return [n for n in inputs.plan.names if n not in inputs.plan.aliases]
-
-
 def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | None = None, *,
           stats: dict[str, dict[str, float]] | None = None,
           resolved: dict[str, ResolvedModel] | None = None,
@@ -300,94 +269,6 @@ def _refuse_out_over_input(out_dir, models) -> None:
                              "choose an output directory outside every input")
 
 
-def unit_ranges(shards, unit_bytes: int) -> list[staging.UnitRange]:
-    """Cut each shard's tensors, in order, into units of about ``unit_bytes`` (never across shards;
-    a larger tensor is a unit of its own). Depends on the plan only, never on the worker count."""
-    units: list[staging.UnitRange] = []
-    for shard in shards:
-        base = len(shard_prefix(shard))
-        names: list[str] = []
-        start = end = base
-        for name in shard.names:
-            lo, hi = (base + x for x in shard.header[name]["data_offsets"])
-            if names and hi - start > unit_bytes:
-                units.append(staging.UnitRange(len(units), shard.filename, tuple(names), start, end))
-                names, start = [], lo
-            names.append(name)
-            end = hi
-        if names:
-            units.append(staging.UnitRange(len(units), shard.filename, tuple(names), start, end))
-    return units
-
-
-def _tied_locations(plan: Plan, shards) -> tuple[tuple[str, str, int, int], ...]:
-    """Where each tied tensor's target lies in the staged shards: (name, file, start, end)."""
-    targets = set(plan.aliases.values())
-    out = []
-    for shard in shards:
-        base = len(shard_prefix(shard))
-        for name in shard.names:
-            if name in targets:
-                lo, hi = shard.header[name]["data_offsets"]
-                out.append((name, shard.filename, base + lo, base + hi))
-    return tuple(out)
-
-
-def _norm_units(spec: MergeSpec, inputs: Inputs, indices: list[int]) -> list[NormUnit]:
-    assert inputs.base_reader is not None
-    units: list[NormUnit] = []
-    group: list[str] = []
-    size = 0
-    for name in _statistic_names(inputs):
-        group.append(name)
-        size += inputs.base_reader.tensors[name].nbytes
-        if size >= NORM_UNIT_BYTES:
-            units.append(NormUnit(spec, len(units), tuple(indices), tuple(group), size * (1 + len(indices))))
-            group, size = [], 0
-    if group:
-        units.append(NormUnit(spec, len(units), tuple(indices), tuple(group), size * (1 + len(indices))))
-    return units
-
-
-def _cached_statistics(inputs: Inputs, device: torch.device) -> tuple[dict[int, dict[str, float]], dict[int, str]]:
-    """Entries whose statistic the cache holds (by content: base and fine-tune hashes known without
-    hashing), and the cache key of every entry whose content is known (to store the rest later)."""
-    from .refs import known_model_hash
-
-    method, base = inputs.method, inputs.base
-    assert base is not None
-    names = _statistic_names(inputs)
-
-    def content(m: ResolvedModel) -> str | None:
-        if m.source != "local" or m.files:
-            return m.revision
-        return known_model_hash(m.path)
-
-    base_rev = content(base)
-    found: dict[int, dict[str, float]] = {}
-    keys: dict[int, str] = {}
-    for i, model in enumerate(inputs.models):
-        rev = content(model)
-        if base_rev is None or rev is None:
-            continue
-        keys[i] = cache.statistics_key(base_rev, rev, method.statistics_key(i), names, device.type)
-        values = cache.load_statistics(keys[i])
-        if values is not None and set(values) == set(names):
-            found[i] = values
-    return found, keys
-
-
-def _store_statistics(inputs: Inputs, computed: dict[int, dict[str, float]], device: torch.device) -> None:
-    """After the inputs are hashed: remember what the norm pass computed, by content."""
-    names = _statistic_names(inputs)
-    assert inputs.base is not None
-    for i, values in computed.items():
-        model = inputs.models[i]
-        key = cache.statistics_key(inputs.base.revision, model.revision, inputs.method.statistics_key(i),
-                                   names, device.type)
-        cache.store_statistics(key, values, {"base": inputs.base.ref, "model": model.ref})
-
-
 def _merge_into(recipe: Recipe, out: Path, options: MergeOptions, inputs: Inputs, device: torch.device,
                 stats, recipe_text: str | None, log, hashes: BackgroundHashes, spec: MergeSpec,
                 stage: Path) -> MergeResult:
@@ -426,13 +307,13 @@ def _merge_into(recipe: Recipe, out: Path, options: MergeOptions, inputs: Inputs
             stats = dict(stats or {})
             missing = [i for i, e in enumerate(method.entries) if e.model not in stats]
             if missing and options.use_cache:
-                found, _ = _cached_statistics(inputs, device)
+                found, _ = cached_statistics(inputs, device)
                 for i in list(missing):
                     if i in found:
                         stats[method.entries[i].model] = found[i]
                         missing.remove(i)
             if missing:
-                norm_todo = _norm_units(spec, inputs, missing)
+                norm_todo = norm_units(spec, inputs, missing)
         todo = [u for u in units if u.index not in done]
         total = sum(u.nbytes for u in norm_todo) + sum(u.nbytes for u in todo)
         with _bar(total, "merge", options.progress) as bar:
@@ -446,8 +327,8 @@ def _merge_into(recipe: Recipe, out: Path, options: MergeOptions, inputs: Inputs
                     stats[method.entries[i].model] = values
             if stats is not None and method.needs_model_statistics():
                 # summed exactly (fsum): the same whatever order the tensors' statistics arrived in
-                model_stats = [statistic_total(stats[e.model], _statistic_names(inputs)) for e in method.entries]
-            tied = _tied_locations(plan, shards) if method.order_dependent() else ()
+                model_stats = [statistic_total(stats[e.model], statistic_names(inputs)) for e in method.entries]
+            tied = tied_locations(plan, shards) if method.order_dependent() else ()
             work = [MergeUnit(spec, u, str(stage), tuple(model_stats) if model_stats is not None else None, tied)
                     for u in todo]
             for u in units:
@@ -467,7 +348,7 @@ def _merge_into(recipe: Recipe, out: Path, options: MergeOptions, inputs: Inputs
             shutil.rmtree(stage, ignore_errors=True)  # bad input: nothing of this plan is worth resuming
         raise  # interrupted (a signal, a lost worker): the finished units stay staged for the rerun
 
-    diag = _diagnostics(labels, plan, [done[u.index] for u in units])
+    diag = gather_diagnostics(labels, plan, [done[u.index] for u in units])
     assert hasher is not None
     shard_hashes = hasher.result()
     if (text := index_text(shards)) is not None:
@@ -476,110 +357,12 @@ def _merge_into(recipe: Recipe, out: Path, options: MergeOptions, inputs: Inputs
     staging.finish(stage)
     hashes.wait()
     if computed and options.use_cache:
-        _store_statistics(inputs, computed, device)
-    report = _report(recipe, inputs, diag, model_stats)
-    _write_side_files(stage, recipe, inputs, report, recipe_text)
-    provenance = _provenance(stage, recipe, inputs, shard_hashes, device)
+        store_statistics(inputs, computed, device)
+    report = report_of(recipe, inputs, diag, model_stats)
+    write_side_files(stage, recipe, inputs, report, recipe_text)
+    provenance = provenance_of(stage, recipe, inputs, shard_hashes, device)
     (stage / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     publish(stage, out, options.overwrite)
     if log:
         log(f"merged {len(labels)} model(s) with {recipe.merge_method} into {out}")
     return MergeResult(out, plan, report, provenance)
-
-
-def _diagnostics(labels: list[str], plan: Plan, records: list[dict]) -> Diagnostics:
-    """The report's per-tensor entries and whole-model sums, added in plan order whichever unit
-    computed them (so the sums, and the report, do not depend on the executor)."""
-    diag = Diagnostics(labels)
-    for rec in records:
-        for t in rec["tensors"]:
-            if "tied_to" in t:
-                diag.tensors[t["name"]] = {**diag.tensors[t["tied_to"]], "tied_to": t["tied_to"]}
-            else:
-                members = tuple(t["members"]) if t["members"] is not None else None
-                diag.add(t["name"], t["gram"], t["coefficients"], members=members)
-    return diag
-
-
-def _report(recipe: Recipe, inputs: Inputs, diag: Diagnostics, model_stats: list[float] | None) -> MergeReport:
-    method, labels = inputs.method, diag.labels
-    model = diag.model_summary() if diag.has_task_vectors else {}
-    whole = method.model_report(model_stats, labels)
-    model.update(whole)
-    if not whole:
-        sums: dict[str, list[float]] = {}  # a slices recipe merges each model into some tensors only
-        for t in diag.tensors.values():
-            for lab, c in zip(t.get("models", labels), t.get("coefficients") or []):
-                sums.setdefault(lab, []).append(c)
-        if sums:
-            model["coefficients_mean"] = {lab: sum(sums[lab]) / len(sums[lab]) for lab in labels if lab in sums}
-    return MergeReport(
-        method=recipe.merge_method, parameters=recipe.parameters, base=inputs.base.ref if inputs.base else None,
-        models=labels, dtype=recipe.dtype, out_dtype=recipe.out_dtype, model=model, tensors=diag.tensors,
-        granularity=method.report_fields().get("granularity"),
-        # norms and cosines are of the raw task vectors (the orthogonality check); coefficients
-        # are what the method used (for sparsified MetaGPT, from the sparsified vectors)
-        diagnostics_of="raw task vectors" if diag.has_task_vectors else None,
-    )
-
-
-def _write_side_files(tmp: Path, recipe: Recipe, inputs: Inputs, report: MergeReport,
-                      recipe_text: str | None) -> None:
-    ref = inputs.donor[0] if inputs.donor else (inputs.base or inputs.models[0])
-    config = inputs.reference.config()
-    if config:
-        if recipe.out_dtype or recipe.dtype:
-            config["dtype"] = recipe.out_dtype or recipe.dtype
-            config.pop("torch_dtype", None)
-        if inputs.plan.vocab_size:
-            config["vocab_size"] = inputs.plan.vocab_size
-        config.update(inputs.plan.config_updates)  # slices: the output's layer count
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    gen = ref.path / "generation_config.json"
-    if own_file(ref.path, gen):  # side files: only the folder's own regular files (no link to a secret)
-        shutil.copyfile(gen, tmp / gen.name)
-    for pattern in TOKENIZER_GLOBS:
-        for f in sorted(inputs.tokenizer.path.glob(pattern)):
-            if own_file(inputs.tokenizer.path, f):
-                shutil.copyfile(f, tmp / f.name)
-    (tmp / RECIPE_FILE).write_text(recipe_text if recipe_text is not None else recipe.to_yaml())
-    (tmp / REPORT).write_text(report.to_json())
-    (tmp / "README.md").write_text(render_model_card(recipe, report, inputs))
-
-
-def _provenance(tmp: Path, recipe: Recipe, inputs: Inputs, shard_hashes: dict[str, str], device) -> dict:
-    outputs = dict(shard_hashes)
-    for f in sorted(tmp.iterdir()):
-        if f.is_file() and f.name not in outputs and f.name != PROVENANCE:
-            outputs[f.name] = sha256_file(f)
-    roles = ([("base", inputs.base)] if inputs.base else []) + [("model", m) for m in inputs.models]
-    if all(inputs.tokenizer is not m for _, m in roles):
-        roles.append(("tokenizer", inputs.tokenizer))
-    if inputs.donor and all(inputs.donor[0] is not m for _, m in roles):
-        roles.append(("config", inputs.donor[0]))
-    import safetensors
-    return {
-        "recipe": recipe.model_dump(exclude_none=True),
-        "recipe_sha256": recipe.sha256(),
-        "inputs": [{"role": role, **m.to_dict()} for role, m in roles],
-        "tokenizer_source": inputs.tokenizer.ref,
-        "outputs": dict(sorted(outputs.items())),
-        "versions": {"metamerge": __version__, "torch": torch.__version__.split("+")[0],
-                     "safetensors": safetensors.__version__},
-        "device": device.type,
-        # What can still change the bytes is the device kind and the library versions above; the
-        # thread and core counts are recorded to show they were different and did not matter.
-        "environment": _environment(device),
-    }
-
-
-def _environment(device) -> dict:
-    import os
-    import platform
-
-    env = {"python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "thread_count_changes_bytes": False}
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    return env

@@ -110,13 +110,14 @@ def estimate_recipe(recipe, options=None) -> Estimate:
     from dataclasses import replace
 
     from .device import resolve_device
-    from .engine import MergeOptions, _cached_statistics, open_inputs
+    from .engine import MergeOptions, open_inputs
+    from .statistics import cached_statistics
 
     options = replace(options or MergeOptions(), hash_inputs=False, progress=False)
     inputs = open_inputs(recipe, options)
     cached = False
     if inputs.method.needs_model_statistics() and inputs.base is not None and options.use_cache:
-        found, _ = _cached_statistics(inputs, resolve_device(options.device))
+        found, _ = cached_statistics(inputs, resolve_device(options.device))
         cached = len(found) == len(inputs.models)  # every norm in METAMERGE_CACHE_DIR: no norm pass
     return estimate(inputs, recipe.merge_method, stats_cached=cached, workers=options.executor.workers(),
                     unit_bytes=options.unit_bytes)

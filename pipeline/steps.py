@@ -166,7 +166,8 @@ def norms(params: Params, pins: dict[str, dict], ref: str, log: Log = quiet) -> 
     when there is one; from the merge core's one cache (``METAMERGE_CACHE_DIR``, keyed by the base's
     and the fine-tune's content), which ``metamerge merge`` reads and fills too."""
     from metamerge.device import resolve_device
-    from metamerge.engine import MergeOptions, fine_tune_statistics, open_inputs
+    from metamerge.engine import MergeOptions, open_inputs
+    from metamerge.statistics import fine_tune_statistics
 
     device = resolve_device(params.pipeline.device)
     inputs = open_inputs(_one_model_recipe(params, ref), MergeOptions(progress=False), resolved(pins))

@@ -77,8 +77,8 @@ def one_worker(recipe, out, **kw):
 
 
 def test_units_are_many_and_output_is_a_normal_model(medium, tmp_path):
-    from metamerge.engine import unit_ranges
     from metamerge.io.writer import shard_layout
+    from metamerge.unit_plan import unit_ranges
 
     result = one_worker(metagpt(medium), tmp_path / "out", max_shard_size="2MB")
     plan = result.plan
