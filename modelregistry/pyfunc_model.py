@@ -3,7 +3,7 @@
 MLflow copies this file into the registered model and executes it when the model is loaded
 (``mlflow.pyfunc.load_model("models:/NAME@champion")``); nothing is unpickled (MLflow 3 refuses
 pickled Python models by default). It must therefore stay self-contained: it imports only mlflow,
-torch and transformers, never ``metamerge`` or ``modelregistry``.
+torch and transformers (and peft for an adapter), never ``metamerge`` or ``modelregistry``.
 
 The model directory comes from the pyfunc artifacts, one of:
 
@@ -11,6 +11,10 @@ The model directory comes from the pyfunc artifacts, one of:
 ``reference``  a small JSON pointer ``{"path": ..., "files": {name: sha256}}`` written when the
                model was registered by reference (very large models): the weights stay where they
                are and must be readable at that path from wherever the model is loaded.
+
+A LoRA adapter (``pipeline.output: adapter``, ``metamerge merge --as-adapter``) is stored like a
+merged directory (it is megabytes); its base is by reference: loaded from the adapter config's
+``base_model_name_or_path``, which must be readable where the model is loaded.
 
 ``predict`` takes prompts (a list of strings, a string, a DataFrame with a ``prompt`` column or
 one column, or ``{"prompt": [...]}``) and returns the generated continuations (prompt excluded),
@@ -67,7 +71,19 @@ class MergedCausalLM(PythonModel):
 
         path = _model_dir(context.artifacts)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path)
+        adapter = os.path.join(path, "adapter_config.json")
+        if os.path.isfile(adapter):  # a LoRA adapter (merge --as-adapter): loaded onto its base
+            from peft import PeftModel
+
+            with open(adapter, encoding="utf-8") as fh:
+                base = json.load(fh)["base_model_name_or_path"]
+            if not os.path.isdir(base):
+                raise FileNotFoundError(
+                    f"this model version is a LoRA adapter of the base at {base}, which is not a directory "
+                    "here; the base is registered by reference: make it readable at that path")
+            self.model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path).merge_and_unload()
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(path)
         self.model.eval()
 
     def predict(self, context, model_input, params=None):

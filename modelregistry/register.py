@@ -178,10 +178,11 @@ def _alias(client, config: RegistryConfig, alias: str) -> str | None:
         return None
 
 
-def pip_requirements() -> list[str]:
-    """Pinned requirements of the pyfunc model (given explicitly: inference would load the model)."""
+def pip_requirements(adapter: bool = False) -> list[str]:
+    """Pinned requirements of the pyfunc model (given explicitly: inference would load the model);
+    ``adapter``: a LoRA adapter, which loads with peft."""
     out = []
-    for pkg in PIP_PACKAGES:
+    for pkg in PIP_PACKAGES + (("peft",) if adapter else ()):
         try:
             out.append(f"{pkg}=={metadata.version(pkg).split('+')[0]}")
         except metadata.PackageNotFoundError:
@@ -291,7 +292,7 @@ def register_merge(merged_dir: str | Path, scores: Mapping[str, Mapping[str, Any
                 warnings.filterwarnings("ignore", message=".*input example.*")
                 info = mlflow.pyfunc.log_model(
                     name=MODEL_NAME_IN_RUN, python_model=str(PYFUNC_CODE), artifacts=artifacts,
-                    pip_requirements=pip_requirements(), signature=_signature(config))
+                    pip_requirements=pip_requirements(provenance.get("output") == "lora_adapter"), signature=_signature(config))
             mv = mlflow.register_model(info.model_uri, config.model_name, tags=tags)
             run_id = run.info.run_id
             artifact_uri = run.info.artifact_uri

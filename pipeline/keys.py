@@ -123,12 +123,15 @@ def norms_key(params: Params, pins: dict[str, dict], ref: str, device: str) -> s
 
 def merge_key(params: Params, pins: dict[str, dict], device: str | None = None) -> str:
     """The recipe, every input's pinned revision, the code and what changes output bytes."""
-    return "merge-" + digest({
+    what = {
         "recipe": params.recipe.sha256(),
         "inputs": {ref: pinned_revision(pins[ref]) for ref in input_refs(params)},
         "device": device or device_type(params), "max_shard_size": params.pipeline.max_shard_size,
         "code": code_version("engine"),
-    })
+    }
+    if params.pipeline.output == "adapter":  # (a full model's key is unchanged by this option)
+        what["output"] = {"kind": "adapter", "rank": params.pipeline.adapter_rank}
+    return "merge-" + digest(what)
 
 
 def task_vector_key(params: Params, pins: dict[str, dict], ref: str) -> str:

@@ -14,6 +14,7 @@
       registry: {model_name: ..., ...}    # modelregistry.config.RegistryConfig
       watch: [ref, {dir: folder, parameters: {}}]
       materialize_task_vectors: false
+      output: model                        # or adapter: one PEFT LoRA adapter (adapters only)
       executor: {kind: local, n_workers: null}  # or {kind: dask, address: tcp://host:8786}
 
 Relative paths (model references, output_root, eval sets) are relative to the working directory,
@@ -101,6 +102,10 @@ class PipelineParams(_Strict):
     watch: list[str | WatchRef | WatchDir] = Field(default_factory=list)
     materialize_task_vectors: bool = False
     max_shard_size: str = "5GB"
+    # what the merge writes: a full model, or (adapters only; linear, task_arithmetic, metagpt) one
+    # PEFT LoRA adapter equal to the merge, ``metamerge merge --as-adapter [--rank adapter_rank]``
+    output: Literal["model", "adapter"] = "model"
+    adapter_rank: int | None = Field(default=None, ge=1)
     executor: ExecutorParams = Field(default_factory=ExecutorParams)
     data_dir: str | None = None            # DVC: the folder of local models and eval sets it tracks
     scenario: ScenarioParams | None = None  # DVC: build the demo scenario into data_dir first
@@ -194,6 +199,15 @@ def _check(recipe: Recipe, pipeline: PipelineParams, source: str, check_files: b
         raise InputError(f"{source}: recipe: slices (layer stacking) are not supported by the pipeline, whose steps "
                          "work per fine-tune on whole models; merge that recipe with `metamerge merge`")
     registry_config(pipeline, source)
+    if pipeline.adapter_rank is not None and pipeline.output != "adapter":
+        raise InputError(f"{source}: pipeline.adapter_rank applies to `output: adapter` only (the rank of the adapter "
+                         "written); remove it or set pipeline.output: adapter")
+    if pipeline.output == "adapter":
+        from metamerge.adapter_out import METHODS
+
+        if recipe.merge_method not in METHODS:
+            raise InputError(f"{source}: pipeline.output: adapter: {recipe.merge_method} is not a weighted sum of the "
+                             f"task vectors, so its result is not a LoRA; use {', '.join(METHODS)}, or output: model")
     if check_files and pipeline.eval.lm_eval is not None and importlib.util.find_spec("lm_eval") is None:
         raise InputError(f"{source}: pipeline.eval.lm_eval names benchmarks but lm-evaluation-harness is not "
                          "installed: .venv/bin/pip install lm-eval, or remove pipeline.eval.lm_eval")

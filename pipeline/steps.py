@@ -230,6 +230,13 @@ def merge(params: Params, pins: dict[str, dict], sqnorms: dict[str, dict[str, fl
                            executor=ExecutorConfig(kind=ex.kind, n_workers=ex.n_workers, address=ex.address,
                                                    threads_per_worker=ex.threads_per_worker),
                            runner=runner)
+    if params.pipeline.output == "adapter":  # one PEFT LoRA adapter (metamerge merge --as-adapter)
+        from metamerge.adapter_out import merge_to_adapter
+
+        log(f"merge: {params.recipe.merge_method} of {len(fine_tunes(params))} adapter(s) into one adapter, {out}")
+        merge_to_adapter(params.recipe, out, options, recipe_text=params.recipe_text(), resolved=resolved(pins),
+                         rank=params.pipeline.adapter_rank)
+        return merge_info(out, key)
     log(f"merge: {params.recipe.merge_method} of {len(fine_tunes(params))} model(s) into {out}")
     engine_merge(params.recipe, out, options, stats=sqnorms or None, resolved=resolved(pins),
                  recipe_text=params.recipe_text(), log=log)

@@ -37,6 +37,9 @@ def test_repo_params_files_validate(path):
     (lambda d: d["pipeline"].update(device="tpu"), "pipeline.device"),
     (lambda d: d["pipeline"]["eval_sets"].update(add="/no/such.jsonl"), "eval set 'add': no such file"),
     (lambda d: d["pipeline"]["experts"].update(add="/not/in/recipe"), "is not a model of the recipe"),
+    (lambda d: (d["recipe"].update(merge_method="model_stock"), d["pipeline"].update(output="adapter")),
+     "pipeline.output: adapter: model_stock is not a weighted sum of the task vectors"),
+    (lambda d: d["pipeline"].update(adapter_rank=4), "pipeline.adapter_rank applies to `output: adapter` only"),
 ])
 def test_bad_params_are_one_line_errors(tiny_models, tmp_path, change, message):
     data = params_for(tiny_models, tmp_path)

@@ -66,3 +66,45 @@ def test_a_second_build_reuses_the_scenario(lora_study):
     stamp = (root / "scenario" / "scenario.json").stat().st_mtime_ns
     manifest = build_scenario(root / "scenario", size="tiny", seed=0, progress=False, scenario="lora")
     assert manifest.adapters and (root / "scenario" / "scenario.json").stat().st_mtime_ns == stamp
+
+
+def test_merge_flow_writes_evaluates_and_registers_one_adapter(lora_study, tmp_path):
+    """``pipeline.output: adapter``: the flow merges the scenario's adapters into one PEFT adapter
+    (no full model written), evaluates it loaded onto the base, and registers it; the registered
+    pyfunc loads it onto the base by reference and generates what the evaluation scored."""
+    import mlflow
+
+    from flows.merge_flow import merge_flow
+
+    root, result = lora_study
+    scn = root / "scenario"
+    manifest = json.loads((scn / "scenario.json").read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = {"recipe": {"merge_method": "metagpt", "base_model": str(scn / "base"),
+                         "models": [{"model": str(scn / f)} for f in manifest["finetuned"].values()]},
+              "pipeline": {"output_root": str(tmp_path / "out"), "device": "cpu", "output": "adapter",
+                           "eval_sets": {t: str(scn / "eval" / f"{t}.jsonl") for t in TASKS},
+                           "registry": {"tracking_uri": uri, "model_name": "lora-merged-adapter"}}}
+    out = merge_flow(params)
+    model_dir = Path(out["model_dir"])
+    config = json.loads((model_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(scn / "base")
+    assert not list(model_dir.glob("model*.safetensors"))  # an adapter, not a full model
+    # evaluated on the base: what the study measured for its full-model MetaGPT merge (the same
+    # update, so the same greedy answers up to float32 rounding of the factors)
+    study = json.loads((Path(result["dir"]) / "study.json").read_text())
+    merged = out["summary"]["scores"]["merged"]
+    for t in TASKS:
+        assert merged[t]["exact_match"] == pytest.approx(study["accuracy"]["metagpt"][t], abs=0.03)
+    reg = out["registered"]
+    assert reg["registered"] and reg["version"] == "1"
+    mlflow.set_tracking_uri(uri)
+    version = mlflow.MlflowClient().get_model_version("lora-merged-adapter", "1")
+    assert version.tags["output"] == "lora_adapter"
+    assert all(version.tags[f"input.{i}.adapter_base"] == str(scn / "base") for i in range(1, len(TASKS) + 1))
+    model = mlflow.pyfunc.load_model("models:/lora-merged-adapter/1")
+    prompts = [json.loads(line)["prompt"] for line in (scn / "eval" / "sum.jsonl").read_text().splitlines()[:3]]
+    assert len(model.predict(prompts, params={"max_new_tokens": 8})) == 3
+    # asked twice, nothing is merged or registered again
+    again = merge_flow(params)
+    assert again["model_dir"] == out["model_dir"] and again["registered"]["version"] == "1"
