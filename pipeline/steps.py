@@ -260,7 +260,7 @@ def evaluate(params: Params, model_dir: str | Path, revision: str, log: Log = qu
         log(f"evaluate {Path(model_dir).name} on {', '.join(params.pipeline.eval_sets)}")
         scores = evaluate_model(model_dir, params.pipeline.eval_sets, device=params.pipeline.device,
                                 batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                with_exact_match=e.exact_match, progress=False, base_dir=_adapter_base(params))
+                                with_exact_match=e.exact_match, progress=False, base_dir=adapter_base(params, model_dir))
         for t, s in scores.items():
             em = "-" if s.exact_match is None else f"{s.exact_match:.3f}"
             log(f"  {t}: loss {s.loss:.4f}, exact match {em}")
@@ -270,12 +270,22 @@ def evaluate(params: Params, model_dir: str | Path, revision: str, log: Log = qu
                   compute, model=str(model_dir), revision=revision)
 
 
-def _adapter_base(params: Params) -> str | None:
-    """Where a LoRA adapter being evaluated (an expert given as an adapter folder) finds its base:
-    the recipe's base when it is a plain local folder, else the adapter's own config names it."""
-    base = params.recipe.base_model
-    if base and "+" not in base and "@" not in base and Path(base).expanduser().is_dir():
-        return str(Path(base).expanduser())
+def adapter_base(params: Params, model_dir: str | Path) -> str | None:
+    """Where a LoRA adapter being evaluated finds its base: for an expert given as ``BASE+ADAPTER``,
+    that BASE; else the recipe's base when it is a plain local folder; else (None) the adapter's
+    own config names it."""
+    def local(ref: str) -> Path | None:
+        p = Path(ref).expanduser()
+        return p if "@" not in ref and p.is_dir() else None
+
+    target = Path(model_dir).expanduser().resolve()
+    for ref in input_refs(params):
+        base, plus, adapter = ref.partition("+")
+        if plus and (a := local(adapter)) is not None and a.resolve() == target and (b := local(base)) is not None:
+            return str(b)
+    base_model = params.recipe.base_model
+    if base_model and "+" not in base_model and (b := local(base_model)) is not None:
+        return str(b)
     return None
 
 

@@ -198,3 +198,23 @@ def test_deployments_are_checked_before_deploying(tiny_models, tmp_path, capsys)
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(params_for(tiny_models, tmp_path)))
     assert main([str(tmp_path / "prefect.yaml")]) == 0
     assert capsys.readouterr().out.strip() == f"watcher: {tmp_path / 'demo.yaml'} ready"
+
+
+def test_an_adapter_expert_is_evaluated_on_the_base_its_reference_names(tmp_path):
+    """``BASE+ADAPTER`` in a recipe without ``base_model``: evaluation applies the adapter to that
+    BASE (not to whatever its adapter_config names); a bare adapter folder goes onto the recipe's
+    base; anything else is left to the adapter's own config."""
+    from pipeline.steps import adapter_base
+
+    for d in ("base", "other", "a1", "a2"):
+        (tmp_path / d).mkdir()
+    linear = {"merge_method": "linear", "parameters": {"weight": 0.5},
+              "models": [{"model": f"{tmp_path / 'base'}+{tmp_path / 'a1'}"},
+                         {"model": f"{tmp_path / 'other'}+{tmp_path / 'a2'}"}]}
+    p = load_params({"recipe": linear})
+    assert adapter_base(p, tmp_path / "a1") == str(tmp_path / "base")
+    assert adapter_base(p, tmp_path / "a2") == str(tmp_path / "other")
+    assert adapter_base(p, tmp_path / "elsewhere") is None
+    ta = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "other"),
+          "models": [{"model": str(tmp_path / "a1"), "parameters": {"weight": 1.0}}]}
+    assert adapter_base(load_params({"recipe": ta}), tmp_path / "a1") == str(tmp_path / "other")
