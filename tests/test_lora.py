@@ -429,3 +429,40 @@ def test_a_pinned_adapter_is_picklable_and_opens_in_a_worker(lora):
     name = "model.layers.0.mlp.down_proj.weight"
     torch.testing.assert_close(reader.get(name).double(), lora["weights"]["rslora"][name], rtol=0, atol=1e-7)
     assert torch.equal(reader.get("model.norm.weight"), load_state(lora["base"])["model.norm.weight"])
+
+
+def test_hub_adapters_at_a_revision_merge_like_their_folders(lora, tmp_path, monkeypatch):
+    """``org/name@commit`` adapters from the hub cache (offline; the layout the hub writes: blobs,
+    snapshot links, refs/main), as a bare reference and as ``BASE+org/name@commit``: pinned to that
+    commit (not refs/main, which moved on) and merged to the same bytes as their folders."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no network here: the cache is the hub
+    names = list(lora["adapters"])[:2]
+    refs = []
+    for i, name in enumerate(names):
+        root = cache / f"models--org--lora-{name}"
+        for commit, src in ((f"{i}" * 40, lora["adapters"][name]), (f"{i + 5}" * 40, lora["adapters"][names[1 - i]])):
+            snap = root / "snapshots" / commit
+            snap.mkdir(parents=True)
+            (root / "blobs").mkdir(exist_ok=True)
+            for f in src.iterdir():
+                blob = root / "blobs" / f"{commit[:6]}-{f.name}"
+                shutil.copyfile(f, blob)
+                (snap / f.name).symlink_to(f"../../blobs/{blob.name}")
+        (root / "refs").mkdir()
+        (root / "refs" / "main").write_text(f"{i + 5}" * 40)  # main moved to another adapter
+        refs.append(f"org/lora-{name}@{f'{i}' * 40}")
+    folders = run_merge(recipe(lora, "metagpt", [str(lora["adapters"][n]) for n in names]), tmp_path / "folders")
+    hub = run_merge(recipe(lora, "metagpt", refs), tmp_path / "hub-bare")
+    plus = run_merge(recipe(lora, "metagpt", [f"{lora['base']}+{r}" for r in refs]), tmp_path / "hub-plus")
+    want = load_state(tmp_path / "folders")
+    for out in (tmp_path / "hub-bare", tmp_path / "hub-plus"):
+        got = load_state(out)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), out
+    for result in (hub, plus):
+        assert list(result.report.coefficients.values()) == list(folders.report.coefficients.values())
+        pinned = [i for i in result.provenance["inputs"] if i.get("adapter")]
+        assert [i["revision"] for i in pinned] == ["0" * 40, "1" * 40] and all(i["source"] == "hub" for i in pinned)
