@@ -240,3 +240,19 @@ def assert_nothing_written(out_dir: Path) -> None:
     assert not out_dir.exists(), f"{out_dir} was written"
     leftovers = [p.name for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.")]
     assert leftovers == [], f"temporary output left behind: {leftovers}"
+
+
+def hub_snapshot(cache: Path, repo: str, commit: str, src: Path) -> Path:
+    """A snapshot of ``src`` in the hub cache's layout: blobs/, snapshots/<commit>/ links, and
+    refs/main pointing at ``commit`` (a second call for the same repo moves the branch)."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (root / "blobs").mkdir(exist_ok=True)
+    for f in src.iterdir():
+        blob = root / "blobs" / f"{commit[:8]}-{f.name}"
+        shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    return snap

@@ -23,7 +23,7 @@ from metamerge.io.adapter import AdapterReader
 from metamerge.recipe import parse_recipe
 
 from lora_models import ADAPTERS, LoraSpec, build_adapter, build_base, build_full_finetune, full_weights
-from models import assert_nothing_written, load_state, run_merge
+from models import assert_nothing_written, hub_snapshot, load_state, run_merge
 
 REL = 1e-6  # lambdas: the stat pass takes a modules_to_save tensor's norm from float32 weights
 
@@ -443,17 +443,8 @@ def test_hub_adapters_at_a_revision_merge_like_their_folders(lora, tmp_path, mon
     names = list(lora["adapters"])[:2]
     refs = []
     for i, name in enumerate(names):
-        root = cache / f"models--org--lora-{name}"
-        for commit, src in ((f"{i}" * 40, lora["adapters"][name]), (f"{i + 5}" * 40, lora["adapters"][names[1 - i]])):
-            snap = root / "snapshots" / commit
-            snap.mkdir(parents=True)
-            (root / "blobs").mkdir(exist_ok=True)
-            for f in src.iterdir():
-                blob = root / "blobs" / f"{commit[:6]}-{f.name}"
-                shutil.copyfile(f, blob)
-                (snap / f.name).symlink_to(f"../../blobs/{blob.name}")
-        (root / "refs").mkdir()
-        (root / "refs" / "main").write_text(f"{i + 5}" * 40)  # main moved to another adapter
+        hub_snapshot(cache, f"org/lora-{name}", f"{i}" * 40, lora["adapters"][name])
+        hub_snapshot(cache, f"org/lora-{name}", f"{i + 5}" * 40, lora["adapters"][names[1 - i]])  # main moves on
         refs.append(f"org/lora-{name}@{f'{i}' * 40}")
     folders = run_merge(recipe(lora, "metagpt", [str(lora["adapters"][n]) for n in names]), tmp_path / "folders")
     hub = run_merge(recipe(lora, "metagpt", refs), tmp_path / "hub-bare")

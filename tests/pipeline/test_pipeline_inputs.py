@@ -12,6 +12,7 @@ import pytest
 from metamerge.errors import InputError
 from pipeline.params import load_params
 
+from models import hub_snapshot
 from pipeline_helpers import params_for
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -55,21 +56,6 @@ def test_the_tokenizer_source_is_checked_and_a_symlinked_tokenizer_does_not_coun
     steps.check_tokenizers(quiet, {})
 
 
-def _hub_snapshot(cache: Path, repo: str, commit: str, src: Path) -> Path:
-    """A snapshot in the hub cache's layout: blobs/, snapshots/<commit>/ links, refs/main."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    snap = root / "snapshots" / commit
-    snap.mkdir(parents=True)
-    (root / "blobs").mkdir(exist_ok=True)
-    for f in src.iterdir():
-        blob = root / "blobs" / f"{commit[:8]}-{f.name}"
-        shutil.copyfile(f, blob)
-        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
-    (root / "refs").mkdir(exist_ok=True)
-    (root / "refs" / "main").write_text(commit)
-    return snap
-
-
 def test_a_hub_ref_without_revision_is_pinned_once_and_that_commit_is_read(tiny_models, tmp_path, monkeypatch):
     """``org/tiny-ft`` (no @rev) is pinned to refs/main's commit at plan time; when the branch moves
     before the merge, the merge still reads the pinned commit: its weights equal a merge of that
@@ -82,7 +68,7 @@ def test_a_hub_ref_without_revision_is_pinned_once_and_that_commit_is_read(tiny_
     cache = tmp_path / "hub"
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     first, second = "a" * 40, "b" * 40
-    _hub_snapshot(cache, "org/tiny-ft", first, tiny_models["ft-a"])
+    hub_snapshot(cache, "org/tiny-ft", first, tiny_models["ft-a"])
 
     hub = params_for(tiny_models, tmp_path / "hub-run", eval_sets={}, experts={})
     hub["recipe"]["models"][0]["model"] = "org/tiny-ft"
@@ -90,7 +76,7 @@ def test_a_hub_ref_without_revision_is_pinned_once_and_that_commit_is_read(tiny_
     pins = {ref: steps.pin(ref) for ref in steps.input_refs(params)}
     assert pins["org/tiny-ft"]["revision"] == first and pins["org/tiny-ft"]["source"] == "hub"
 
-    _hub_snapshot(cache, "org/tiny-ft", second, tiny_models["ft-d"])  # the branch moves to other weights
+    hub_snapshot(cache, "org/tiny-ft", second, tiny_models["ft-d"])  # the branch moves to other weights
     assert steps.pin("org/tiny-ft")["revision"] == second
     info = steps.merge(params, pins)
 
