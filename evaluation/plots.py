@@ -195,6 +195,33 @@ def plot_linearity(alphas: Sequence[float], losses_per_model: Mapping[str, Seque
     return _save(linearity_figure(alphas, losses_per_model, **kw), path)
 
 
+def _curves_figure(alphas: Sequence[float], values_per_model: Mapping[str, Sequence[float]], *, what: str,
+                   title: str, ylabel: str, chords: bool) -> Figure:
+    """One line per model against alpha (with its dashed chord between the end points if
+    ``chords``); ``what`` names the plot in errors."""
+    alphas = [float(a) for a in alphas]
+    if len(alphas) < 2:
+        raise ValueError(f"{what}: need at least two alphas")
+    fig = Figure(figsize=(7.0, 4.5))
+    ax = fig.add_subplot()
+    for (model, values), label in zip(values_per_model.items(), model_labels(list(values_per_model))):
+        ys = [float(v) for v in values]
+        if len(ys) != len(alphas):
+            raise ValueError(f"{what}: {model!r} has {len(ys)} values for {len(alphas)} alphas")
+        (line,) = ax.plot(alphas, ys, marker="o", label=label)
+        if chords:
+            ax.plot([alphas[0], alphas[-1]], [ys[0], ys[-1]], linestyle="--", color=line.get_color(),
+                    linewidth=1, alpha=0.7)
+    if chords:
+        ax.plot([], [], linestyle="--", color="grey", label="chord (linear)")
+    ax.set_xlabel("alpha")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    _legend_outside(ax)
+    return fig
+
+
 def linearity_figure(
     alphas: Sequence[float],
     losses_per_model: Mapping[str, Sequence[float]],
@@ -207,25 +234,7 @@ def linearity_figure(
     MetaGPT's derivation assumes the model is linear along its task vector; the gap between a
     curve and its chord is how far a (small) model is from that regime.
     """
-    alphas = [float(a) for a in alphas]
-    if len(alphas) < 2:
-        raise ValueError("plot_linearity: need at least two alphas")
-    fig = Figure(figsize=(7.0, 4.5))
-    ax = fig.add_subplot()
-    for (model, losses), label in zip(losses_per_model.items(), model_labels(list(losses_per_model))):
-        ys = [float(v) for v in losses]
-        if len(ys) != len(alphas):
-            raise ValueError(f"plot_linearity: {model!r} has {len(ys)} losses for {len(alphas)} alphas")
-        (line,) = ax.plot(alphas, ys, marker="o", label=label)
-        ax.plot([alphas[0], alphas[-1]], [ys[0], ys[-1]], linestyle="--", color=line.get_color(),
-                linewidth=1, alpha=0.7)
-    ax.plot([], [], linestyle="--", color="grey", label="chord (linear)")
-    ax.set_xlabel("alpha")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    _legend_outside(ax)
-    return fig
+    return _curves_figure(alphas, losses_per_model, what="plot_linearity", title=title, ylabel=ylabel, chords=True)
 
 
 def plot_output_linearity(alphas: Sequence[float], errors_per_model: Mapping[str, Sequence[float]], path: PathLike,
@@ -242,17 +251,5 @@ def output_linearity_figure(
 ) -> Figure:
     """The paper's linearity check on outputs: ``||z(alpha) - chord|| / ||z(1) - z(0)||`` against
     alpha per model (0 at both ends by construction; 0 throughout for linear outputs)."""
-    alphas = [float(a) for a in alphas]
-    fig = Figure(figsize=(7.0, 4.5))
-    ax = fig.add_subplot()
-    for (model, errs), label in zip(errors_per_model.items(), model_labels(list(errors_per_model))):
-        ys = [float(v) for v in errs]
-        if len(ys) != len(alphas):
-            raise ValueError(f"plot_output_linearity: {model!r} has {len(ys)} values for {len(alphas)} alphas")
-        ax.plot(alphas, ys, marker="o", label=label)
-    ax.set_xlabel("alpha")
-    ax.set_ylabel("||z(alpha) - chord|| / ||z(1) - z(0)||")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    _legend_outside(ax)
-    return fig
+    return _curves_figure(alphas, errors_per_model, what="plot_output_linearity", title=title,
+                          ylabel="||z(alpha) - chord|| / ||z(1) - z(0)||", chords=False)

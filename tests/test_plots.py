@@ -52,7 +52,7 @@ def test_plot_linearity(tmp_path):
     losses = {"math": [3.0, 2.5, 2.2, 2.05, 2.0], "code": [3.0, 2.9, 2.7, 2.4, 2.0]}
     path = plot_linearity(alphas, losses, tmp_path / "lin.png")
     _assert_png_only(path, tmp_path)
-    with pytest.raises(ValueError, match="losses for 5 alphas"):
+    with pytest.raises(ValueError, match="has 2 values for 5 alphas"):
         plot_linearity(alphas, {"x": [1.0, 2.0]}, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
 
