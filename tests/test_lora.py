@@ -149,6 +149,14 @@ def test_fan_in_fan_out_gpt2_adapter(tmp_path):
                                    rtol=0, atol=1e-6)
 
 
+def edited_copy(adapter, dst, **config):
+    """A copy of ``adapter`` whose adapter_config.json has ``config``'s keys changed."""
+    shutil.copytree(adapter, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+    return dst
+
+
 def test_dora_is_refused_and_nothing_written(lora, tmp_path):
     spec = LoraSpec("dora", {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "use_dora": True}, 41)
     path = build_adapter(lora["base"], tmp_path / "dora", spec)
@@ -159,20 +167,14 @@ def test_dora_is_refused_and_nothing_written(lora, tmp_path):
 
 
 def test_other_peft_types_are_refused_by_name(lora, tmp_path):
-    loha = tmp_path / "loha"
-    shutil.copytree(lora["adapters"]["plain"], loha)
-    cfg = json.loads((loha / "adapter_config.json").read_text())
-    (loha / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "LOHA"}))
+    loha = edited_copy(lora["adapters"]["plain"], tmp_path / "loha", peft_type="LOHA")
     with pytest.raises(MergeError, match="LOHA adapters are not supported"):
         run_merge(recipe(lora, "metagpt", [str(loha)]), tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
 
 
 def test_base_mismatch_warns_on_a_name_and_fails_on_shapes(lora, tmp_path):
-    named = tmp_path / "named"
-    shutil.copytree(lora["adapters"]["plain"], named)
-    cfg = json.loads((named / "adapter_config.json").read_text())
-    (named / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "someone/other-model"}))
+    named = edited_copy(lora["adapters"]["plain"], tmp_path / "named", base_model_name_or_path="someone/other-model")
     with pytest.warns(UserWarning, match="trained on 'someone/other-model'"):
         run_merge(recipe(lora, "metagpt", [str(named)]), tmp_path / "ok")
     wrong = tmp_path / "wrong"
