@@ -374,6 +374,35 @@ def test_a_worker_that_cannot_see_a_path_says_which_worker_and_which_path(medium
     assert "every worker" in msg and "\n" not in msg
 
 
+def test_a_unit_sets_torch_threads_in_the_thread_that_runs_it():
+    """A Dask worker runs units on its own threads, where a setting made by another thread does not
+    apply (OpenMP keeps it per thread): each unit sets its spec's thread count where it runs."""
+    import threading
+
+    import torch
+
+    from metamerge import units
+    from metamerge.engine import MergeOptions, _unit_threads
+    from metamerge.executors import ExecutorConfig
+
+    spec = units.MergeSpec(key="k", run="r", recipe=None, device="cpu", allow_pickle=False, resolved={}, threads=1)
+    seen: list[int] = []
+
+    def worker_thread():
+        torch.set_num_threads(2)  # what a thread that used torch before the worker was set up sees
+        units._ready(spec)
+        seen.append(torch.get_num_threads())
+
+    t = threading.Thread(target=worker_thread)
+    t.start()
+    t.join()
+    assert seen == [1]
+    assert _unit_threads(MergeOptions(executor=ExecutorConfig(n_workers=1))) is None  # one process: left alone
+    assert _unit_threads(MergeOptions(executor=ExecutorConfig(n_workers=2, threads_per_worker=3))) == 3
+    assert _unit_threads(MergeOptions(executor=ExecutorConfig(kind="dask"))) == 1
+    assert _unit_threads(MergeOptions(runner=lambda fn, work, done: [])) == 1  # Prefect on Dask
+
+
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """A Llama whose embedding and head (20000 x 128 = 2.56M entries) are merged in chunks."""
