@@ -17,6 +17,7 @@ everything goes through the page cache as before.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from pathlib import Path
@@ -79,8 +80,15 @@ class RangeWriter:
 
     def _flush(self) -> None:
         if self.fill:
-            assert self.view is not None and self.dfd is not None and self.fill % BLOCK == 0
-            self._pwrite(self.dfd, self.view[:self.fill], self.buf_at)
+            assert self.view is not None and self.fill % BLOCK == 0
+            try:
+                self._pwrite(self.dfd if self.dfd is not None else self.fd, self.view[:self.fill], self.buf_at)
+            except OSError as exc:  # opened with O_DIRECT but refused on write (some FUSE, NFS setups)
+                if exc.errno != errno.EINVAL or self.dfd is None:
+                    raise
+                os.close(self.dfd)
+                self.dfd = None  # from here on through the page cache
+                self._pwrite(self.fd, self.view[:self.fill], self.buf_at)
             self.buf_at += self.fill
             self.fill = 0
 
@@ -137,21 +145,20 @@ def read_range(path: Path, lo: int, hi: int, consume, chunk: int = 16 << 20) -> 
     buffered. A piece is only valid during its call."""
     dfd = _open_direct(path, os.O_RDONLY)
     if dfd is None:
-        with open(path, "rb") as fh:
-            fh.seek(lo)
-            while lo < hi:
-                piece = fh.read(min(chunk, hi - lo))
-                if not piece:
-                    raise OSError(f"{path}: shorter than planned")
-                consume(piece)
-                lo += len(piece)
+        _read_buffered(path, lo, hi, consume, chunk)
         return
     buf = mmap.mmap(-1, chunk)
     view = memoryview(buf)
     try:
         pos = lo // BLOCK * BLOCK
         while lo < hi:
-            n = os.preadv(dfd, [view], pos)
+            try:
+                n = os.preadv(dfd, [view], pos)
+            except OSError as exc:  # opened with O_DIRECT but refused on read: the rest buffered
+                if exc.errno != errno.EINVAL:
+                    raise
+                _read_buffered(path, lo, hi, consume, chunk)
+                return
             if n <= lo - pos:
                 raise OSError(f"{path}: shorter than planned")
             with view[lo - pos:min(n, hi - pos)] as part:
@@ -162,3 +169,14 @@ def read_range(path: Path, lo: int, hi: int, consume, chunk: int = 16 << 20) -> 
         view.release()
         buf.close()
         os.close(dfd)
+
+
+def _read_buffered(path: Path, lo: int, hi: int, consume, chunk: int) -> None:
+    with open(path, "rb") as fh:
+        fh.seek(lo)
+        while lo < hi:
+            piece = fh.read(min(chunk, hi - lo))
+            if not piece:
+                raise OSError(f"{path}: shorter than planned")
+            consume(piece)
+            lo += len(piece)

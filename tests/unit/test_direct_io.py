@@ -62,3 +62,45 @@ def test_short_or_long_range_is_an_error(tmp_path):
         w.write(bytes(11))
     w.abort()
     assert os.path.getsize(path) == 3 * BLOCK
+
+
+def test_a_filesystem_that_opens_o_direct_but_refuses_it_falls_back(tmp_path, monkeypatch):
+    """Some FUSE and NFS setups accept ``O_DIRECT`` at open and answer EINVAL on each I/O: the
+    writer and the reader carry on through the page cache, with the same bytes."""
+    import errno
+
+    size = 5 * BLOCK + 123
+    want = os.urandom(size)
+    path = tmp_path / "f"
+    path.write_bytes(bytes(size))
+    probe = direct._open_direct(path, os.O_RDONLY)
+    if probe is None:
+        pytest.skip("no O_DIRECT on this filesystem")
+    os.close(probe)
+    real_pwrite, real_preadv = os.pwrite, os.preadv
+
+    def is_direct(fd: int) -> bool:
+        import fcntl
+
+        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & direct.O_DIRECT)
+
+    def pwrite(fd, data, offset):
+        if is_direct(fd):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    def preadv(fd, buffers, offset):
+        if is_direct(fd):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "preadv", preadv)
+    w = RangeWriter(path, 7, size)
+    assert w.dfd is not None  # opened direct: refused only when used
+    w.write(want[7:])
+    w.close()
+    assert path.read_bytes()[7:] == want[7:]
+    parts: list[bytes] = []
+    read_range(path, 7, size, lambda piece: parts.append(bytes(piece)))
+    assert b"".join(parts) == want[7:]
