@@ -130,8 +130,9 @@ def test_device_cuda_without_gpu(tiny_llama_bf16, tmp_path, capsys):
     assert_nothing_written(tmp_path / "out")
 
 
-def test_dry_run_plans_and_writes_nothing(tiny_llama_tied_head, tmp_path, capsys):
+def test_dry_run_plans_and_writes_nothing(tiny_llama_tied_head, tmp_path, capsys, monkeypatch):
     fam = tiny_llama_tied_head
+    monkeypatch.setenv("METAMERGE_CACHE_DIR", str(tmp_path / "cache"))  # no norms cached by earlier tests
     path = write_recipe(tmp_path / "recipe.yaml", recipe_for(fam, out_dtype="bfloat16"))
     out = tmp_path / "out"
     assert cli(path, out, "--dry-run") == 0
