@@ -43,12 +43,15 @@ class ContentKey(CachePolicy):
     output root that share the result storage, and any changed input misses.
 
     A step whose result names an output folder also gives ``output``: (where this run's output
-    belongs, whether it is there and complete), or None when it writes none. The cached result is
-    served only when that output is complete and is the one the cached result names (``field``);
-    otherwise the policy returns no key, so the task runs, with no cache lookup and no record: a
-    deleted or half-written output is rebuilt (the step reuses a complete one in place), and a
-    result naming another output root's copy is never handed out. The record of the run that made
-    the output stays valid, so the run after a rebuild is served from the cache again.
+    belongs, whether it is there and complete), or None when it writes none. A recorded result is
+    served only when that output is complete and is the one the record names (``field``);
+    otherwise, when there is a record, the policy returns no key: the task runs with no cache
+    lookup, so a deleted or half-written output is rebuilt (the step reuses a complete one in
+    place) and a result naming another output root's copy is never handed out. The record stays
+    as it was, and names the rebuilt folder again, so the next run is served from the cache. With
+    no record yet the key is returned as is: a miss, and the run records its result. (One record
+    per key: a second output root holding the same content is not served from it; its task runs
+    each time and finds its complete folder in place, in the time it takes to read provenance.)
     """
 
     make_key: Callable[..., str] | None = None
@@ -63,12 +66,12 @@ class ContentKey(CachePolicy):
         if where is None:
             return key
         path, complete = where
-        if not complete:
-            return None
         store = task_ctx.result_store
-        if store.exists(key) and store.read(key).result.get(self.field) != path:
-            return None
-        return key
+        if not store.exists(key):
+            return key  # a miss: the task runs and its result is recorded
+        if complete and store.read(key).result.get(self.field) == path:
+            return key  # a hit
+        return None
 
 
 def retry_if_transient(task, task_run, state) -> bool:
