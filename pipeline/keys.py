@@ -25,9 +25,11 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The core counts whole but for what only reads or reports (a new engine module is then covered
 # without anyone remembering to list it); the steps module counts for both, since it decides how
 # the core is called.
+_EVALUATE = ("evaluation/evalsets.py", "evaluation/scoring.py", "evaluation/summary.py", "metamerge/greedy.py")
 _CODE = {
     "engine": (":(glob)metamerge/**/*.py", ":(exclude)metamerge/cli.py", ":(exclude)metamerge/greedy.py"),
-    "evaluate": ("evaluation/evalsets.py", "evaluation/scoring.py", "evaluation/summary.py", "metamerge/greedy.py"),
+    "evaluate": _EVALUATE,
+    "linearity": (*_EVALUATE, "evaluation/study.py"),  # the demo study's linearity check
 }
 _STEPS = "pipeline/steps.py"
 
@@ -39,7 +41,7 @@ def digest(obj: Any) -> str:
 
 @functools.cache
 def code_version(kind: str) -> str:
-    """The version of the code a step's result depends on: ``engine`` or ``evaluate``.
+    """The version of the code a step's result depends on: ``engine``, ``evaluate`` or ``linearity``.
 
     In a git checkout, git's object ids of those files as they are in the working tree (the
     committed blob, or for an uncommitted edit or a new file the id ``git hash-object`` gives it):
@@ -65,22 +67,21 @@ def git_blobs(root: Path, pathspecs: tuple[str, ...]) -> dict[str, str] | None:
     import subprocess
 
     def git(*args: str, stdin: str | None = None) -> list[str]:
-        out = subprocess.run(["git", "-C", str(root), *args, "--", *pathspecs] if stdin is None else
-                             ["git", "-C", str(root), *args], input=stdin, capture_output=True, text=True,
-                             check=True).stdout
-        return out.splitlines()
+        cmd = ["git", "-C", str(root), *args] + (["--", *pathspecs] if stdin is None else [])
+        return subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=True).stdout.splitlines()
 
     try:
         # the index's ids (the commit's, or what was staged), then what differs on disk or is new
         blobs = {line.split("\t", 1)[1]: line.split()[1] for line in git("ls-files", "--stage")}
-        changed = git("diff", "--name-only", "--relative", "--no-renames") + git("ls-files", "--others", "--exclude-standard")
-    except (OSError, subprocess.CalledProcessError):
+        changed = git("diff", "--name-only", "--relative", "--no-renames") + \
+            git("ls-files", "--others", "--exclude-standard")
+        present = [p for p in dict.fromkeys(changed) if (root / p).is_file()]
+        for p in set(changed) - set(present):
+            blobs.pop(p, None)  # deleted on disk
+        if present:
+            blobs.update(zip(present, git("hash-object", "--stdin-paths", stdin="\n".join(present) + "\n")))
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a repository
         return None
-    present = [p for p in dict.fromkeys(changed) if (root / p).is_file()]
-    for p in set(changed) - set(present):
-        blobs.pop(p, None)  # deleted on disk
-    if present:
-        blobs.update(zip(present, git("hash-object", "--stdin-paths", stdin="\n".join(present) + "\n")))
     return blobs or None
 
 
