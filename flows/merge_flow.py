@@ -5,7 +5,7 @@ Run it as plain Python (Prefect's ephemeral mode, no server needed)::
     python -m flows.merge_flow params/demo.yaml
 
 Every step is a cached, retryable task (``tasks/``) over a plain function of ``pipeline/``; this
-file only composes them.
+file only composes them (what a rerun serves from the cache is each task's policy, not the flow's).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 import pipeline_env  # noqa: F401  (environment defaults before Prefect loads)
-from pipeline import keys, reports, steps, store
+from pipeline import keys, reports, steps
 from pipeline.params import load_params
 from tasks.common import limit_name, one_slot
 from tasks.download import download
@@ -49,9 +49,8 @@ class StepStates:
     def __init__(self) -> None:
         self.states: dict[str, str] = {}
 
-    def run(self, label: str, task, *args, refresh: bool = False, **kwargs):
-        t = task.with_options(task_run_name=run_name(label), refresh_cache=True if refresh else None)
-        state = t(*args, return_state=True, **kwargs)
+    def run(self, label: str, task, *args, **kwargs):
+        state = task.with_options(task_run_name=run_name(label))(*args, return_state=True, **kwargs)
         self.states[label] = state.name
         return state.result()
 
@@ -110,14 +109,11 @@ def _merge(params, run: StepStates) -> dict[str, Any]:
     sqnorms = {}
     for ref in keys.fine_tunes(params):
         if params.recipe.base_model:
-            run.run(f"extract_task_vectors[{ref}]", extract_task_vectors, p, pins, ref,
-                    refresh=not steps.task_vector_done(params, pins, ref))
+            run.run(f"extract_task_vectors[{ref}]", extract_task_vectors, p, pins, ref)
         if keys.needs_norms(params):
             sqnorms[ref] = run.run(f"compute_norms[{ref}]", compute_norms, p, pins, ref)
 
-    # a cached result is a path: recompute if that merge was deleted since
-    out = store.merge_dir(params, pins)
-    info = run.run("merge", merge, p, pins, sqnorms, refresh=steps.existing_merge(params, pins, out) is None)
+    info = run.run("merge", merge, p, pins, sqnorms)
 
     scores = {}
     if params.pipeline.eval_sets:
@@ -127,9 +123,7 @@ def _merge(params, run: StepStates) -> dict[str, Any]:
     benchmarks = None
     if params.pipeline.eval.lm_eval is not None:
         benchmarks = run.run("benchmark[merged]", benchmark, p, info["model_dir"], info["revision"])
-    rdir = store.report_dir(params, info["model_dir"])
-    rep = run.run("report", report, p, info, scores, benchmarks,
-                  refresh=not reports.report_done(rdir, with_eval=bool(scores)))
+    rep = run.run("report", report, p, info, scores, benchmarks)
     registered = run.run("register", register, p, info, rep["summary"], sorted(rep["files"].values()))
 
     create_markdown_artifact(reports.render_markdown(params, info, rep["summary"]), key=_artifact_key(params.name),

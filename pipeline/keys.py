@@ -1,8 +1,10 @@
-"""Content keys: what each stored result depends on, hashed.
+"""Content keys: what each step's result depends on, hashed; one definition per step.
 
-A key is made of revisions, file hashes, the recipe, the settings that change the bytes and the
-code, never of paths or times: the same inputs find the same result from any process, and a
-changed input is never served stale. The Prefect tasks use these keys for their cache too.
+A key is made of revisions, file hashes, the recipe, the settings the step reads and the code's
+version, never of paths or times: the same inputs find the same result from any process and any
+output root, and a changed input is never served stale. The Prefect tasks' cache policy
+(``tasks.common.ContentKey``) uses these keys; the content-addressed output folders (``store``) are
+named by them.
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ from .params import Params
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-# The code a result's bytes can depend on, by kind. The core counts whole but for what only reads or
-# reports (a new engine module is then covered without anyone remembering to list it); the steps
-# module counts for both, since it decides how the core is called.
-_NOT_ENGINE = ("metamerge/cli.py", "metamerge/greedy.py")
+# Code a result's bytes can depend on, by kind, as git pathspecs (``*.py`` only: never a __pycache__).
+# The core counts whole but for what only reads or reports (a new engine module is then covered
+# without anyone remembering to list it); the steps module counts for both, since it decides how
+# the core is called.
 _EVALUATE = ("evaluation/evalsets.py", "evaluation/scoring.py", "evaluation/summary.py", "metamerge/greedy.py")
+_CODE = {
+    "engine": (":(glob)metamerge/**/*.py", ":(exclude)metamerge/cli.py", ":(exclude)metamerge/greedy.py"),
+    "evaluate": _EVALUATE,
+    "linearity": (*_EVALUATE, "evaluation/study.py"),  # the demo study's linearity check
+}
 _STEPS = "pipeline/steps.py"
 
 
@@ -34,25 +41,48 @@ def digest(obj: Any) -> str:
 
 @functools.cache
 def code_version(kind: str) -> str:
-    """A content hash of the code a step's result depends on: ``engine`` or ``evaluate``.
+    """The version of the code a step's result depends on: ``engine``, ``evaluate`` or ``linearity``.
 
-    Editing that code invalidates exactly the results it could change.
+    In a git checkout, git's object ids of those files as they are in the working tree (the
+    committed blob, or for an uncommitted edit or a new file the id ``git hash-object`` gives it):
+    an edit invalidates exactly the results it could change, committing it changes nothing more,
+    and reverting it brings the old results back. Outside git (an installed package), the
+    package's version. Either way with torch's. Once per process: code does not change under a
+    running process.
     """
+    import importlib.metadata
+
     import torch
 
-    import metamerge
-
-    if kind == "engine":
-        files = [p.relative_to(PROJECT_ROOT).as_posix() for p in sorted((PROJECT_ROOT / "metamerge").rglob("*.py"))]
-        files = [f for f in files if f not in _NOT_ENGINE]
-    elif kind == "evaluate":
-        files = list(_EVALUATE)
-    else:
+    if kind not in _CODE:
         raise ValueError(kind)
-    h = hashlib.sha256(f"{metamerge.__version__}\0torch {torch.__version__.split('+')[0]}\0".encode())
-    for name in files + [_STEPS]:
-        h.update(name.encode() + b"\0" + (PROJECT_ROOT / name).read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    blobs = git_blobs(PROJECT_ROOT, (*_CODE[kind], _STEPS))
+    code: Any = blobs if blobs else {"metamerge": importlib.metadata.version("metamerge")}
+    return digest({"code": code, "torch": torch.__version__.split("+")[0]})[:16]
+
+
+def git_blobs(root: Path, pathspecs: tuple[str, ...]) -> dict[str, str] | None:
+    """``{path: git object id}`` of the files under ``root`` that ``pathspecs`` match, tracked or not
+    (but not ignored), as they are on disk now; None when ``root`` is not a git checkout of them."""
+    import subprocess
+
+    def git(*args: str, stdin: str | None = None) -> list[str]:
+        cmd = ["git", "-C", str(root), *args] + (["--", *pathspecs] if stdin is None else [])
+        return subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=True).stdout.splitlines()
+
+    try:
+        # the index's ids (the commit's, or what was staged), then what differs on disk or is new
+        blobs = {line.split("\t", 1)[1]: line.split()[1] for line in git("ls-files", "--stage")}
+        changed = git("diff", "--name-only", "--relative", "--no-renames") + \
+            git("ls-files", "--others", "--exclude-standard")
+        present = [p for p in dict.fromkeys(changed) if (root / p).is_file()]
+        for p in set(changed) - set(present):
+            blobs.pop(p, None)  # deleted on disk
+        if present:
+            blobs.update(zip(present, git("hash-object", "--stdin-paths", stdin="\n".join(present) + "\n")))
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a repository
+        return None
+    return blobs or None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,6 +170,12 @@ def task_vector_key(params: Params, pins: dict[str, dict], ref: str) -> str:
                            "dtype": params.recipe.dtype, "code": code_version("engine")})
 
 
+def task_vectors_step_key(params: Params, pins: dict[str, dict], ref: str) -> str:
+    """The extract_task_vectors step: tau_t's key, and whether it is written (a streamed tau_t has
+    no files, a materialised one names them)."""
+    return task_vector_key(params, pins, ref) + ("-written" if params.pipeline.materialize_task_vectors else "-streamed")
+
+
 def pinned_revision(pin: dict) -> str:
     """What pins one input: its revision, and for ``BASE+ADAPTER`` its own base's revision too (a
     bare adapter folder is applied to the recipe's base, whose revision every key has already)."""
@@ -160,3 +196,21 @@ def benchmark_key(params: Params, revision: str) -> str:
     cfg = params.pipeline.eval.lm_eval
     return "lm-eval-" + digest({"model": revision, "settings": cfg.model_dump() if cfg else None,
                                 "device": device_type(params)})
+
+
+def report_key(params: Params, info: dict, scores: dict, benchmarks: dict | None = None) -> str:
+    """The report files: the merged model's content, the scores and benchmarks they show, the
+    experts the summary compares against, the code that summarises."""
+    return "report-" + digest({"merge": info["revision"], "scores": scores, "lm_eval": benchmarks or {},
+                               "experts": params.pipeline.experts, "code": code_version("evaluate")})
+
+
+def register_key(params: Params, info: dict, summary: dict) -> str:
+    """A registration: the merged model's content, the registry settings, the summary it records,
+    the code, and whether the registry module is there at all (a skipped registration is redone
+    once it is)."""
+    from .registry_bridge import registry_entry_point
+
+    return "register-" + digest({"merge": info["revision"], "registry": params.pipeline.registry,
+                                 "summary": summary, "available": registry_entry_point()[0] is not None,
+                                 "code": code_version("evaluate")})

@@ -2,25 +2,28 @@
 
     python -m flows.stages STAGE PARAMS.yaml [--dir DIR]
 
-STAGE is one of scenario, validate, download, task-vectors, norms, merge, evaluate, register. Stages hand
-each other small files in DIR (default ``<output_root>/dvc``)::
+STAGE is one of scenario, validate, download, task-vectors, norms, merge, evaluate-inputs, evaluate,
+register. Stages hand each other small files in DIR (default ``<output_root>/dvc``)::
 
     scenario      -> <data_dir>           the demo's models and eval sets (only with pipeline.scenario)
     download      -> pins.json            every input reference pinned (revision, path, file hashes);
                                           paths relative to the working directory when inside it
+                     scored.json          what evaluate-inputs reads: the base and experts pinned,
+                                          the eval sets' sha256 (a new fine-tune leaves it alone)
     task-vectors  -> task_vectors.json    streamed, or where each materialised tau_t lies (not a
                                           DVC stage: nothing reads it; the flow materialises on request)
     norms         -> norms.json           ||tau_t||^2 per fine-tune and tensor
     merge         -> model/, merge.json, lambdas.csv, lambdas.png, cosine.png
-    evaluate      -> eval.json, eval.csv, metrics.json, scores.png
+    evaluate-inputs -> input_scores.json  the base and the experts scored (not rerun by a new merge)
+    evaluate      -> eval.json, eval.csv, metrics.json, scores.png   (the merged model scored)
     register      -> registry.json        the version (one per merged weights) and its lineage:
                                           ``dvc_lock_sha256`` is :func:`upstream_lock_sha256`
 
-Work is stored under content keys in ``<output_root>/.cache`` as in the flow, so a stage that
-reruns because one input changed redoes only what that input touches (one new fine-tune: one norm
-pass). No Prefect is imported. Errors are one line (``error: ...``, exit status 2). Progress goes
-to stderr as lines (one per tenth of each training run, norm pass, merge and evaluation), which
-``dvc repro`` shows as the stage runs.
+What reruns is DVC's to decide, from each stage's exact deps and params; the steps keep no cache
+of their own. The norms are read from the merge core's cache (``METAMERGE_CACHE_DIR``), so a norms
+stage that reruns for one new fine-tune makes one norm pass. No Prefect is imported. Errors are
+one line (``error: ...``, exit status 2). Progress goes to stderr as lines (one per tenth of each
+training run, norm pass, merge and evaluation), which ``dvc repro`` shows as the stage runs.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ from .params import Params, load_params
 from .registry_bridge import register
 from .store import read_json
 
-STAGES = ("scenario", "validate", "download", "task-vectors", "norms", "merge", "evaluate", "register")
+STAGES = ("scenario", "validate", "download", "task-vectors", "norms", "merge", "evaluate-inputs", "evaluate",
+          "register")
 REPORT_FILES = ("merge.json", "eval.json", "eval.csv", "metrics.json", "lambdas.csv", "lambdas.png", "cosine.png",
                 "scores.png")
 
@@ -86,6 +90,17 @@ def upstream_lock_sha256(lock: Path, stage: str = "register") -> str | None:
     return digest(stages)
 
 
+def scored(params: Params, pins: dict[str, dict]) -> dict:
+    """What scoring the base and the experts depends on, beside the eval settings: those models
+    pinned (portable) and the eval sets' content. Its own file, so that a new fine-tune (a new
+    ``pins.json``) does not rerun their evaluation."""
+    from metamerge.refs import sha256_file
+
+    models = {name: portable_pin(pins[ref]) for name, ref in steps.models_to_score(params, pins).items()}
+    return {"models": {name: {"path": pin["path"], "revision": pin["revision"]} for name, pin in models.items()},
+            "eval_sets": {t: sha256_file(Path(p)) for t, p in params.pipeline.eval_sets.items()}}
+
+
 def build_data(params: Params) -> None:
     """The ``scenario`` stage: build the demo scenario into ``data_dir`` (reused when already built
     with the same settings), or, without ``pipeline.scenario``, check that ``data_dir`` is there."""
@@ -117,6 +132,7 @@ def run_stage(stage: str, params: Params, workdir: Path) -> None:
         pins = {ref: steps.pin(ref, _log) for ref in input_refs(params)}
         steps.check_tokenizers(params, pins)  # evaluation's tokenizers, before any merge work
         _write(workdir / "pins.json", {ref: portable_pin(pin) for ref, pin in pins.items()})
+        _write(workdir / "scored.json", scored(params, pins))
         return
     pins = _read(workdir / "pins.json", "download")
     tunes = fine_tunes(params)
@@ -130,11 +146,14 @@ def run_stage(stage: str, params: Params, workdir: Path) -> None:
         sq = _read(workdir / "norms.json", "norms")
         info = steps.merge(params, pins, sq, out_dir=workdir / "model", log=_log)
         reports.write_merge_report(info, workdir)
+    elif stage == "evaluate-inputs":
+        models = _read(workdir / "scored.json", "download")["models"]
+        _write(workdir / "input_scores.json",
+               {name: steps.evaluate(params, pin["path"], pin["revision"], _log) for name, pin in models.items()})
     elif stage == "evaluate":
         info = steps.merge_info(workdir / "model")
-        scores = {"merged": steps.evaluate(params, info["model_dir"], info["revision"], _log)}
-        for name, ref in steps.models_to_score(params, pins).items():
-            scores[name] = steps.evaluate(params, pins[ref]["path"], pins[ref]["revision"], _log)
+        scores = {"merged": steps.evaluate(params, info["model_dir"], info["revision"], _log),
+                  **_read(workdir / "input_scores.json", "evaluate-inputs")}
         benchmarks = steps.benchmark(params, info["model_dir"], info["revision"], _log)
         reports.write_eval_report(steps.summarize(params, scores, benchmarks), workdir)
     elif stage == "register":

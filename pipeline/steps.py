@@ -1,8 +1,11 @@
 """The pipeline's steps: pin the inputs, task vectors, norms, merge, evaluate, benchmark.
 
 Each step takes the validated params and small JSON-able values (references, pinned revisions,
-paths) and returns the same kind of values, never tensors. Every result that costs real work is
-stored under its content key (``keys``, ``store``), so rerunning a step with the same inputs is free.
+paths) and returns the same kind of values, never tensors. The steps compute; they keep no cache
+of their own. What reruns is decided by Prefect's cache (the tasks' policy over ``keys``) or DVC's
+(the stages' exact deps); a step's output folder is named by its content key (``store``) and a
+complete one is reused in place. The norms are the exception that proves the rule: they live in
+the merge core's one cache (``METAMERGE_CACHE_DIR``), which ``metamerge merge`` shares.
 """
 
 from __future__ import annotations
@@ -17,9 +20,7 @@ from metamerge.refs import ModelRef, ResolvedModel, resolve
 from metamerge.report import MergeReport
 
 from .keys import (
-    benchmark_key,
     digest,
-    eval_key,
     fine_tunes,
     input_refs,
     merge_key,
@@ -27,7 +28,7 @@ from .keys import (
     task_vector_key,
 )
 from .params import Params
-from .store import Log, merge_dir, quiet, read_json, stored, task_vector_dir, write_json
+from .store import Log, merge_dir, quiet, read_json, task_vector_dir, write_json
 
 # --------------------------------------------------------------------------------------------------
 # download: pin a reference
@@ -249,25 +250,21 @@ def merge(params: Params, pins: dict[str, dict], sqnorms: dict[str, dict[str, fl
 
 
 def evaluate(params: Params, model_dir: str | Path, revision: str, log: Log = quiet) -> dict[str, dict]:
-    """Scores of one model on every eval set, ``{task: TaskScores.to_dict()}``, stored by revision."""
+    """Scores of one model on every eval set, ``{task: TaskScores.to_dict()}``. ``revision`` (the
+    model's content) is what the callers' caches key it by (``keys.eval_key``)."""
     from evaluation import evaluate_model
 
     if not params.pipeline.eval_sets:
         return {}
-
-    def compute() -> dict[str, dict]:
-        e = params.pipeline.eval
-        log(f"evaluate {Path(model_dir).name} on {', '.join(params.pipeline.eval_sets)}")
-        scores = evaluate_model(model_dir, params.pipeline.eval_sets, device=params.pipeline.device,
-                                batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                with_exact_match=e.exact_match, progress=False, base_dir=adapter_base(params, model_dir))
-        for t, s in scores.items():
-            em = "-" if s.exact_match is None else f"{s.exact_match:.3f}"
-            log(f"  {t}: loss {s.loss:.4f}, exact match {em}")
-        return {t: s.to_dict() for t, s in scores.items()}
-
-    return stored(params, "evals", eval_key(params, revision), "scores", f"evaluate {Path(model_dir).name}", log,
-                  compute, model=str(model_dir), revision=revision)
+    e = params.pipeline.eval
+    log(f"evaluate {Path(model_dir).name} on {', '.join(params.pipeline.eval_sets)}")
+    scores = evaluate_model(model_dir, params.pipeline.eval_sets, device=params.pipeline.device,
+                            batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                            with_exact_match=e.exact_match, progress=False, base_dir=adapter_base(params, model_dir))
+    for t, s in scores.items():
+        em = "-" if s.exact_match is None else f"{s.exact_match:.3f}"
+        log(f"  {t}: loss {s.loss:.4f}, exact match {em}")
+    return {t: s.to_dict() for t, s in scores.items()}
 
 
 def adapter_base(params: Params, model_dir: str | Path) -> str | None:
@@ -290,7 +287,8 @@ def adapter_base(params: Params, model_dir: str | Path) -> str | None:
 
 
 def benchmark(params: Params, model_dir: str | Path, revision: str, log: Log = quiet) -> dict[str, dict]:
-    """lm-evaluation-harness results ``{benchmark: {metric: value}}`` of one model, stored by revision.
+    """lm-evaluation-harness results ``{benchmark: {metric: value}}`` of one model (keyed by the
+    callers' caches by ``revision``: ``keys.benchmark_key``).
 
     Only when ``pipeline.eval.lm_eval`` names benchmarks (the harness is the user's to install, and
     its datasets to have); ``{}`` otherwise.
@@ -300,16 +298,11 @@ def benchmark(params: Params, model_dir: str | Path, revision: str, log: Log = q
     cfg = params.pipeline.eval.lm_eval
     if cfg is None:
         return {}
-
-    def compute() -> dict[str, dict]:
-        log(f"lm-eval {Path(model_dir).name} on {', '.join(cfg.tasks)}")
-        limit = cfg.limit if cfg.limit is None or cfg.limit < 1 else int(cfg.limit)
-        results = run_lm_eval(model_dir, cfg.tasks, device=params.pipeline.device, batch_size=cfg.batch_size,
-                              num_fewshot=cfg.num_fewshot, limit=limit)
-        return json.loads(json.dumps(results, default=str))  # the harness mixes in non-JSON values
-
-    return stored(params, "lm_eval", benchmark_key(params, revision), "results", f"lm-eval {Path(model_dir).name}",
-                  log, compute, model=str(model_dir), revision=revision)
+    log(f"lm-eval {Path(model_dir).name} on {', '.join(cfg.tasks)}")
+    limit = cfg.limit if cfg.limit is None or cfg.limit < 1 else int(cfg.limit)
+    results = run_lm_eval(model_dir, cfg.tasks, device=params.pipeline.device, batch_size=cfg.batch_size,
+                          num_fewshot=cfg.num_fewshot, limit=limit)
+    return json.loads(json.dumps(results, default=str))  # the harness mixes in non-JSON values
 
 
 def models_to_score(params: Params, pins: dict[str, dict]) -> dict[str, str]:

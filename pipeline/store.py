@@ -1,11 +1,12 @@
-"""Where results live, under their content keys (``keys``)::
+"""Where the steps' outputs (folders) live, named by their content keys (``keys``)::
 
     <output_root>/<name>-<merge key>/          the merged model (engine output, with provenance)
     <output_root>/reports/<name>-<merge key>/  merge.json, lambdas.csv/png, eval.json/csv, metrics.json
     <output_root>/task_vectors/<key>/          tau_t as safetensors (only if materialize_task_vectors)
-    <output_root>/.cache/{norms,evals,lm_eval}/<key>.json
 
-A DVC stage that reruns, or a Prefect task whose cache was cleared, finds the work already done.
+These are outputs, not a cache: the steps themselves keep no record of past results. Prefect's
+cache (the flows) and DVC's (the stages) decide what reruns; a step asked to write a folder that
+already holds its complete output (same key, same provenance) reuses it in place.
 """
 
 from __future__ import annotations
@@ -56,16 +57,3 @@ def read_json(path: Path) -> Any | None:
 def write_json(path: Path, data: Any) -> Path:
     """Strict JSON (no NaN), atomically: a reader never sees half a result."""
     return write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n")
-
-
-def stored(params: Params, kind: str, key: str, field: str, label: str, log: Log,
-           compute: Callable[[], Any], **record: Any) -> Any:
-    """The result stored under ``<output_root>/.cache/<kind>/<key>.json`` (its ``field``), or
-    ``compute()``'s, then stored there with ``record`` beside it for whoever reads the cache."""
-    path = params.output_root / ".cache" / kind / f"{key}.json"
-    if (cached := read_json(path)) is not None:
-        log(f"{label}: from {path.name}")
-        return cached[field]
-    result = compute()
-    write_json(path, {"key": key, **record, field: result})
-    return result

@@ -40,7 +40,7 @@ def linearity_key(base: str, finetuned: dict[str, str], eval_sets: dict[str, str
     return "linearity-" + digest({
         "models": {ref: revisions[ref] for ref in [base, *finetuned.values()]},
         "eval_sets": {t: sha256_file(Path(p)) for t, p in eval_sets.items()},
-        "alphas": list(study.ALPHAS), "code": [code_version("evaluate"), sha256_file(Path(study.__file__))]})
+        "alphas": list(study.ALPHAS), "code": code_version("linearity")})
 
 
 def linearity(base: str, finetuned: dict[str, str], eval_sets: dict[str, str]) -> dict[str, dict]:

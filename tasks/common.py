@@ -1,12 +1,15 @@
-"""What every Prefect task shares: the run logger, params re-validation, content cache keys."""
+"""What every Prefect task shares: the run logger, params re-validation, the content cache policy."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
 
 from pipeline.params import Params, load_params
 
@@ -33,17 +36,42 @@ def load(params: dict[str, Any] | Params) -> Params:
     return load_params(params)
 
 
-def keyed(make_key: Callable[..., str]) -> Callable[[Any, dict[str, Any]], str]:
-    """A Prefect ``cache_key_fn`` from a function of the task's own parameters.
+@dataclass
+class ContentKey(CachePolicy):
+    """A Prefect cache policy: the step's content key (``pipeline.keys``), from the task's own
+    parameters; never a path or a time, so the same inputs hit the cache from any process and any
+    output root that share the result storage, and any changed input misses.
 
-    The key is the content the result depends on (never a path or a time), so the same inputs hit
-    the cache from any process that shares the result storage, and any changed input misses.
+    A step whose result names an output folder also gives ``output``: (where this run's output
+    belongs, whether it is there and complete), or None when it writes none. A recorded result is
+    served only when that output is complete and is the one the record names (``field``);
+    otherwise, when there is a record, the policy returns no key: the task runs with no cache
+    lookup, so a deleted or half-written output is rebuilt (the step reuses a complete one in
+    place) and a result naming another output root's copy is never handed out. The record stays
+    as it was, and names the rebuilt folder again, so the next run is served from the cache. With
+    no record yet the key is returned as is: a miss, and the run records its result. (One record
+    per key: a second output root holding the same content is not served from it; its task runs
+    each time and finds its complete folder in place, in the time it takes to read provenance.)
     """
-    def cache_key(_context, parameters: dict[str, Any]) -> str:
-        return make_key(**parameters)
 
-    cache_key.__name__ = f"key_of_{make_key.__name__}"
-    return cache_key
+    make_key: Callable[..., str] | None = None
+    output: Callable[..., tuple[str, bool] | None] | None = None
+    field: str = "path"
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        assert self.make_key is not None
+        key = self.make_key(**inputs)
+        where = self.output(**inputs) if self.output is not None else None
+        if where is None:
+            return key
+        path, complete = where
+        store = task_ctx.result_store
+        if not store.exists(key):
+            return key  # a miss: the task runs and its result is recorded
+        if complete and store.read(key).result.get(self.field) == path:
+            return key  # a hit
+        return None
 
 
 def retry_if_transient(task, task_run, state) -> bool:

@@ -7,7 +7,7 @@ from prefect import task
 
 from pipeline import keys, reports, steps, store
 
-from .common import keyed, load, log, progress_to_log
+from .common import ContentKey, load, log, progress_to_log
 
 
 def _eval_key(params: dict, model_dir: str, revision: str) -> str:
@@ -15,7 +15,7 @@ def _eval_key(params: dict, model_dir: str, revision: str) -> str:
     return keys.eval_key(load(params), revision)
 
 
-@task(name="evaluate", cache_key_fn=keyed(_eval_key), persist_result=True)
+@task(name="evaluate", cache_policy=ContentKey(make_key=_eval_key), persist_result=True)
 def evaluate(params: dict, model_dir: str, revision: str) -> dict[str, dict]:
     """``{task: scores}`` of one model; base and experts are scored once per revision."""
     with progress_to_log():
@@ -26,7 +26,7 @@ def _benchmark_key(params: dict, model_dir: str, revision: str) -> str:
     return keys.benchmark_key(load(params), revision)
 
 
-@task(name="benchmark", cache_key_fn=keyed(_benchmark_key), persist_result=True)
+@task(name="benchmark", cache_policy=ContentKey(make_key=_benchmark_key), persist_result=True)
 def benchmark(params: dict, model_dir: str, revision: str) -> dict[str, dict]:
     """lm-evaluation-harness results of one model (``pipeline.eval.lm_eval``), once per revision."""
     with progress_to_log():
@@ -34,14 +34,16 @@ def benchmark(params: dict, model_dir: str, revision: str) -> dict[str, dict]:
 
 
 def _report_key(params: dict, info: dict, scores: dict, benchmarks: dict | None = None) -> str:
-    p = load(params)
-    return "report-" + keys.digest({"merge": info["revision"], "scores": scores, "lm_eval": benchmarks or {},
-                                    "experts": p.pipeline.experts,
-                                    "dir": str(store.report_dir(p, info["model_dir"])),
-                                    "code": keys.code_version("evaluate")})
+    return keys.report_key(load(params), info, scores, benchmarks)
 
 
-@task(name="report", cache_key_fn=keyed(_report_key), persist_result=True)
+def _report_output(params: dict, info: dict, scores: dict, benchmarks: dict | None = None) -> tuple[str, bool]:
+    out = store.report_dir(load(params), info["model_dir"])
+    return str(out), reports.report_done(out, with_eval=bool(scores))
+
+
+@task(name="report", cache_policy=ContentKey(make_key=_report_key, output=_report_output, field="dir"),
+      persist_result=True)
 def report(params: dict, info: dict, scores: dict, benchmarks: dict | None = None) -> dict:
     """merge.json, lambdas.csv/png, eval.json/csv, metrics.json, scores.png beside the merge."""
     p = load(params)

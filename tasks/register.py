@@ -7,16 +7,11 @@ from prefect import task
 from pipeline import keys, registry_bridge
 from pipeline.params import registry_config
 
-from .common import keyed, limit_name, load, log, one_slot, retry_if_transient
+from .common import ContentKey, limit_name, load, log, one_slot, retry_if_transient
 
 
 def _register_key(params: dict, info: dict, summary: dict, artifacts: list[str] = ()) -> str:
-    p = load(params)
-    # whether the registry module is there yet is part of the key: a skipped registration is redone
-    available = registry_bridge.registry_entry_point()[0] is not None
-    return "register-" + keys.digest({"merge": info["revision"], "registry": p.pipeline.registry,
-                                      "summary": summary, "available": available,
-                                      "code": keys.code_version("evaluate")})
+    return keys.register_key(load(params), info, summary)
 
 
 def gate_limit_name(model_name: str) -> str:
@@ -25,7 +20,7 @@ def gate_limit_name(model_name: str) -> str:
     return limit_name(f"gate-{model_name}")
 
 
-@task(name="register", cache_key_fn=keyed(_register_key), persist_result=True,
+@task(name="register", cache_policy=ContentKey(make_key=_register_key), persist_result=True,
       retries=2, retry_delay_seconds=5, retry_condition_fn=retry_if_transient)
 def register(params: dict, info: dict, summary: dict, artifacts: list[str] = ()) -> dict:
     """A new registered version (once per merged model, summary and registry), then the gate, one

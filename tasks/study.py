@@ -7,7 +7,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from pipeline import study
 
-from .common import keyed
+from .common import ContentKey
 
 
 @task(name="build_scenario")
@@ -16,7 +16,7 @@ def build_scenario(root: str, size: str, seed: int, scenario: str = "skills") ->
     return study.build_scenario(root, size, seed, progress=True, scenario=scenario)
 
 
-@task(name="linearity_check", cache_key_fn=keyed(study.linearity_key), persist_result=True)
+@task(name="linearity_check", cache_policy=ContentKey(make_key=study.linearity_key), persist_result=True)
 def linearity_check(base: str, finetuned: dict[str, str], eval_sets: dict[str, str],
                     revisions: dict[str, str]) -> dict[str, list[float]]:
     """Loss of theta_0 + alpha * tau_t on task t's own set, for each alpha.

@@ -56,5 +56,5 @@ def params_for(models: dict[str, Path], root: Path, fine_tunes=("ft-a", "ft-b", 
     pipe = {"output_root": str(root / "out"), "device": "cpu",
             "eval_sets": {t: str(models[f"eval-{t}"]) for t in TASKS},
             "experts": {"add": str(models["ft-a"]), "rev": str(models["ft-b"])},
-            "eval": {"batch_size": 8, "max_new_tokens": 4}, **pipeline}
+            "eval": {"batch_size": 8, "max_new_tokens": 4, "exact_match": True}, **pipeline}
     return {"recipe": recipe, "pipeline": pipe}

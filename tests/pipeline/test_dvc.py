@@ -1,6 +1,7 @@
 """dvc.yaml in a temporary git repository: the stages run, a second repro does nothing, the merged
 model round-trips through a local remote, an eval-only change reruns evaluation only and registers
-nothing new, dvc.lock is the same from another checkout, and metrics/plots diff across commits."""
+nothing new, a new merge does not score the unchanged base and experts again, dvc.lock is the same
+from another checkout, and metrics/plots diff across commits."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def test_dvc_repro_then_nothing_then_push_pull(tiny_models, tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     out = sh([DVC, "repro"], repo)
-    for stage in ("download", "norms", "merge", "evaluate", "register"):
+    for stage in ("download", "norms", "merge", "evaluate-inputs", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out, out
     assert "Loading weights" not in out and "it/s]" not in out, out  # no third-party bars in stage logs
     work = repo / "outputs" / "dvc"
@@ -101,13 +102,13 @@ def test_dvc_repro_then_nothing_then_push_pull(tiny_models, tmp_path):
     shutil.copytree(repo, other, symlinks=True)
     assert "up to date" in sh([DVC, "status"], other)
 
-    # an eval-only change: evaluate reruns (register too if the scores moved), the merge does not,
-    # and no version is added
+    # an eval-only change: the evaluate stages rerun (register too if the scores moved), the merge
+    # does not, and no version is added
     params["pipeline"]["eval"]["batch_size"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh([DVC, "repro"], repo)
-    ran = set(re.findall(r"Running stage '(\w+)'", out))
-    assert "evaluate" in ran and ran <= {"evaluate", "register"}, out
+    ran = set(re.findall(r"Running stage '([\w-]+)'", out))
+    assert {"evaluate-inputs", "evaluate"} <= ran <= {"evaluate-inputs", "evaluate", "register"}, out
     assert json.loads((work / "registry.json").read_text())["version"] == "1"
     assert len(client.search_model_versions("name = 'tiny-dvc'")) == 1
     diff = sh([DVC, "metrics", "diff", "HEAD", "--all"], repo)
@@ -133,3 +134,8 @@ def test_dvc_repro_then_nothing_then_push_pull(tiny_models, tmp_path):
     assert "Running stage 'norms'" in out
     assert len(set(stats.iterdir()) - norms_before) == 1
     assert out.count("norms of ") == 3 + 2  # three read back, one computed (two lines)
+    # a new merge: the merged model is scored, the base and the experts (unchanged) are not again
+    out = sh([DVC, "repro"], repo)
+    ran = set(re.findall(r"Running stage '([\w-]+)'", out))
+    assert {"merge", "evaluate"} <= ran and "evaluate-inputs" not in ran, out
+    assert re.findall(r"^evaluate (\S+) on ", out, re.M) == ["model"], out  # the merge only

@@ -1,4 +1,4 @@
-"""The optional lm-evaluation-harness step: validated up front, called with the merged model, cached,
+"""The optional lm-evaluation-harness step: validated up front, called with the merged model, keyed,
 and its results carried into eval.json and the MLflow metrics.
 
 The harness itself is not installed here (it downloads its datasets), so the package on the path is a
@@ -17,7 +17,7 @@ import textwrap
 import pytest
 
 from metamerge.errors import MergeError
-from pipeline import reports, steps
+from pipeline import keys, reports, steps
 from pipeline.params import load_params
 
 from pipeline_helpers import params_for
@@ -76,7 +76,7 @@ def test_bad_benchmark_settings_are_one_line_errors(tiny_models, tmp_path, stand
         load_params(p, "p.yaml")
 
 
-def test_benchmark_step_calls_the_harness_once_per_revision(tiny_models, tmp_path, stand_in):
+def test_benchmark_step_calls_the_harness(tiny_models, tmp_path, stand_in):
     params = load_params(_params(tiny_models, tmp_path), "p.yaml")
     model = tiny_models["ft-a"]
     first = steps.benchmark(params, model, "rev-1")
@@ -90,10 +90,11 @@ def test_benchmark_step_calls_the_harness_once_per_revision(tiny_models, tmp_pat
     n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
     assert first == {"hellaswag": {"alias": "hellaswag", "acc,none": 0.5, "n_params": n},
                      "arc_easy": {"alias": "arc_easy", "acc,none": 1 / 3, "n_params": n}}
-    # same revision: from the cache, no second harness run; a new revision runs again
-    assert steps.benchmark(params, model, "rev-1") == first and len(stand_in.CALLS) == 1
-    steps.benchmark(params, model, "rev-2")
-    assert len(stand_in.CALLS) == 2
+    # the step computes, it keeps no cache: once per revision is the callers' (Prefect's policy,
+    # DVC's evaluate stage), by this key, the model's content and the harness settings
+    assert steps.benchmark(params, model, "rev-1") == first and len(stand_in.CALLS) == 2
+    assert keys.benchmark_key(params, "rev-1") != keys.benchmark_key(params, "rev-2")
+    assert not (tmp_path / "out").exists()
 
 
 def test_results_reach_eval_json_and_mlflow_metrics(tiny_models, tmp_path, stand_in):

@@ -28,7 +28,7 @@ def test_dvc_stages_print_progress_lines_and_no_bars(tiny_models, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(params_for(tiny_models, tmp_path)))
     outputs = {}
-    for stage in ("download", "norms", "merge", "evaluate"):
+    for stage in ("download", "norms", "merge", "evaluate-inputs", "evaluate"):
         proc = _stage(stage, params, tmp_path / "dvc")
         assert proc.returncode == 0, proc.stderr
         outputs[stage] = proc.stderr + proc.stdout
@@ -37,7 +37,8 @@ def test_dvc_stages_print_progress_lines_and_no_bars(tiny_models, tmp_path):
     merge_lines = [line for line in outputs["merge"].splitlines() if line.startswith("merge: ")]
     assert merge_lines and merge_lines[-1].startswith("merge: 100% (")
     assert any("100% (" in line for line in outputs["norms"].splitlines())
-    # evaluation reports its batches per model and set
+    # evaluation reports its batches per model and set (the inputs, then the merge)
+    assert sum("100% (" in line for line in outputs["evaluate-inputs"].splitlines()) >= 2
     assert sum("100% (" in line for line in outputs["evaluate"].splitlines()) >= 2
 
 
