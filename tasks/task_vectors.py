@@ -6,7 +6,7 @@ from prefect import task
 
 from pipeline import keys, steps, store
 
-from .common import ContentKey, load, log
+from .common import ContentKey, load, log, progress_to_log
 
 
 def _tv_key(params: dict, pins: dict, ref: str) -> str:
@@ -36,5 +36,7 @@ def _norms_key(params: dict, pins: dict, ref: str) -> str:
 @task(name="compute_norms", cache_policy=ContentKey(make_key=_norms_key), persist_result=True)
 def compute_norms(params: dict, pins: dict, ref: str) -> dict[str, float]:
     """||tau_t||^2 per tensor, keyed by (base revision, fine-tune revision, what the method's
-    statistic depends on, code): when a new fine-tune lands, only its norms are computed."""
-    return steps.norms(load(params), pins, ref, log=log())
+    statistic depends on, code): when a new fine-tune lands, only its norms are computed. The norm
+    pass reports its progress to the task run's log, a line per tenth."""
+    with progress_to_log():
+        return steps.norms(load(params), pins, ref, log=log())

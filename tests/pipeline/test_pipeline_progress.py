@@ -42,13 +42,14 @@ def test_dvc_stages_print_progress_lines_and_no_bars(tiny_models, tmp_path):
     assert sum("100% (" in line for line in outputs["evaluate"].splitlines()) >= 2
 
 
-def test_prefect_task_runs_log_progress_and_no_bars(tiny_models, tmp_path, prefect_server):
+def test_prefect_task_runs_log_progress_and_no_bars(tiny_models, tmp_path, prefect_server, monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogWorker
 
     from flows.merge_flow import merge_flow
 
+    monkeypatch.setenv("METAMERGE_CACHE_DIR", str(tmp_path / "cache"))  # the norm pass runs, not the cache
     logger = logging.getLogger("prefect.task_runs")
     level = logger.level
     logger.setLevel(logging.INFO)  # the suite runs Prefect at WARNING; a worker logs INFO
@@ -63,4 +64,6 @@ def test_prefect_task_runs_log_progress_and_no_bars(tiny_models, tmp_path, prefe
     messages = [log.message for log in logs]
     merge_lines = [m for m in messages if m.startswith("merge: ") and "%" in m]
     assert merge_lines and merge_lines[-1].startswith("merge: 100% ("), messages
+    norm_lines = [m for m in messages if m.startswith("sqnorm: ") and "%" in m]  # compute_norms' pass
+    assert norm_lines and norm_lines[-1].startswith("sqnorm: 100% ("), messages
     assert not any(mark in m for m in messages for mark in BAR_MARKS)
