@@ -53,8 +53,11 @@ def test_prefect_task_runs_log_progress_and_no_bars(tiny_models, tmp_path, prefe
     logger = logging.getLogger("prefect.task_runs")
     level = logger.level
     logger.setLevel(logging.INFO)  # the suite runs Prefect at WARNING; a worker logs INFO
-    try:
-        state = merge_flow(params_for(tiny_models, tmp_path, eval_sets={}, experts={}), return_state=True)
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+    try:  # every task runs (earlier tests of these models left their norms in Prefect's cache)
+        with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}):
+            state = merge_flow(params_for(tiny_models, tmp_path, eval_sets={}, experts={}), return_state=True)
         APILogWorker.drain_all(timeout=30)
     finally:
         logger.setLevel(level)
