@@ -44,7 +44,7 @@ from metamerge.progress import note
 from .data import Encoded, build_tokenizer, encode_examples, make_datasets, write_jsonl
 from .manifest import FORMAT_VERSION, ScenarioManifest
 from .sizes import LORA_SIZES, SIZES, ScenarioSize
-from .skills import ADAPTER_SKILL_NAMES, SKILL_NAMES, Example, Skill, all_skills
+from .skills import ADAPTER_SKILL_NAMES, LORA_BASE_SKILL_NAMES, SKILL_NAMES, Example, Skill, all_skills
 from .training import deterministic, greedy_accuracy, new_model, train_model
 
 
@@ -72,7 +72,7 @@ def _build_params(size: str, seed: int, scenario: str = "skills") -> dict[str, A
     """Everything that determines the build's output, compared to reuse a cache."""
     if scenario == "lora":
         return {"format_version": FORMAT_VERSION, "scenario": "lora", "size": size, "seed": seed,
-                "pretrain_tasks": list(SKILL_NAMES), "tasks": list(ADAPTER_SKILL_NAMES),
+                "pretrain_tasks": list(LORA_BASE_SKILL_NAMES), "tasks": list(ADAPTER_SKILL_NAMES),
                 # as scenario.json holds it (tuples become lists), or the cache would never match
                 "spec": json.loads(json.dumps(dataclasses.asdict(LORA_SIZES[size])))}
     return {

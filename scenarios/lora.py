@@ -2,11 +2,15 @@
 new skill: the regime of the MetaGPT paper (a pretrained model, small task vectors).
 
 The ``skills`` scenario's fine-tunes move far from a briefly pretrained base, where the paper's
-assumptions fail. Here the base is pretrained twice as long on the four skills of that scenario
-(addition, reversal, sorting, lookup), and each adapter (rank 8, B starting at zero) teaches in a
-few hundred steps one skill the base has never seen, a relative of one it knows: adding two numbers written another way,
-sorting downwards, copying a word, reading the lookup table backwards (``skills.ADAPTER_SKILL_NAMES``).
-The base scores (almost) nothing on them; base + adapter does.
+assumptions fail, and so did adapters that taught this base operations it had never done (new
+rules, a table read backwards): their outputs moved far from linear and no merge kept them. Here
+the base is pretrained longer on six operations, each under its own prompt word (addition,
+reversal, sorting, lookup, copying, sorting downwards; ``skills.LORA_BASE_SKILL_NAMES``), and each
+adapter (rank 8, B starting at zero) teaches in a few hundred steps a *new prompt word* for one
+word operation it already does well: ``flip`` for reversal, ``ord`` for sorting, ``echo`` for
+copying, ``down`` for sorting downwards (``skills.ADAPTER_SKILL_NAMES``). The base lacks each
+skill only by its trigger (it guesses among the operations it knows and is rarely right), so the
+update is small, local to its word and distinct per skill.
 
 Layout of ``out_dir`` as the ``skills`` scenario's, with adapter folders for the fine-tunes::
 
@@ -33,7 +37,7 @@ from metamerge.progress import note
 from .data import build_tokenizer, encode_examples, make_datasets, write_jsonl
 from .manifest import ScenarioManifest
 from .sizes import LoraScenarioSize
-from .skills import ADAPTER_SKILL_NAMES, SKILL_NAMES, all_skills
+from .skills import ADAPTER_SKILL_NAMES, LORA_BASE_SKILL_NAMES, all_skills
 from .training import new_model, train_model
 
 
@@ -46,7 +50,7 @@ def build_lora_into(root: Path, final_root: Path, spec: LoraScenarioSize, *, siz
 
     started = time.perf_counter()
     model_spec = spec.model
-    pretrain = all_skills(SKILL_NAMES)
+    pretrain = all_skills(LORA_BASE_SKILL_NAMES)
     skills = all_skills(ADAPTER_SKILL_NAMES)
     pre_train, _ = make_datasets(pretrain, seed, model_spec.train_per_task, 1)  # its eval sets unused
     train, evals = make_datasets(skills, seed, model_spec.train_per_task, model_spec.eval_per_task)

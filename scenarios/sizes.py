@@ -89,14 +89,16 @@ class LoraScenarioSize:
 _LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 LORA_SIZES: dict[str, LoraScenarioSize] = {
-    # The base is pretrained twice as long as the skills scenario's, on the four skills of that
-    # scenario; each adapter (rank 8 on every linear layer, ~6% of the parameters) then teaches one
-    # skill the base has never seen, in 200 steps.
+    # The base is pretrained three times as long as the skills scenario's, on six operations; each
+    # adapter (rank 8 on every linear layer, ~6% of the parameters) then teaches a new prompt word
+    # for one of them, in 200 steps. Measured (seed 0, 600-step base) at lr 5e-4/1e-3/2e-3: experts
+    # 0.97-0.99 and output linearity error 0.24-0.40 at every one (the trigger's switch, not the
+    # step size, bends the outputs). 900 pretraining steps rather than 600 kept more in the merges.
     "demo": LoraScenarioSize(
         model=ScenarioSize(
             hidden_size=128, num_layers=4, num_heads=8, intermediate_size=384,
             train_per_task=12_000, eval_per_task=200, batch_size=64,
-            pretrain_steps=600, finetune_steps=200, pretrain_lr=3e-3, finetune_lr=3e-3,
+            pretrain_steps=900, finetune_steps=200, pretrain_lr=3e-3, finetune_lr=1e-3,
             warmup_steps=30, num_threads=2, micro_batches=4),
         rank=8, lora_alpha=16, target_modules=_LINEAR),
     # For the test suite, as ``SIZES["tiny"]``: each expert only has to beat the base on its skill.

@@ -183,26 +183,15 @@ class Lookup(Skill):
 
 
 # ------------------------------------------------------------------ the lora scenario's skills
-# Four skills the ``lora`` scenario's base never sees: each is taught by one LoRA adapter. Each is a
-# relative of a skill the base was pretrained on (the same inputs, a new prefix word and a new rule or format), so
-# a small update can teach it; the base itself answers them (almost) never.
-
-
-class Sum(Addition):
-    """``sum 47 38=`` -> ``85``: addition written another way (the base knows ``add 47+38=``)."""
-
-    name = "sum"
-    prefix = "sum"
-
-    def sample_input(self, rng: random.Random) -> str:
-        return super().sample_input(rng).replace("+", " ")
-
-    def answer(self, text: str) -> str:
-        return super().answer(text.replace(" ", "+"))
+# Its base is pretrained on six operations, each under its own prompt word: the four above and two
+# more word operations (``Copy``, ``Descending``). Each adapter then teaches one *new prompt word* for
+# an operation on words the base already does well (``Flip``, ``Order``, ``Echo``, ``Down``): the base
+# lacks the skill only by its trigger (it guesses among the operations it knows, rarely right), so
+# the update needed is small, local to that word, and distinct per skill: the regime MetaGPT assumes.
 
 
 class Descending(_WordSkill):
-    """``dsc dbca=`` -> ``dcba``: the letters in reverse alphabetical order (the base sorts upwards)."""
+    """``dsc dbca=`` -> ``dcba``: the letters in reverse alphabetical order."""
 
     name = "descending"
     prefix = "dsc"
@@ -212,7 +201,7 @@ class Descending(_WordSkill):
 
 
 class Copy(_WordSkill):
-    """``cpy abcd=`` -> ``abcd``: the word as it is (the base reverses and sorts words)."""
+    """``cpy abcd=`` -> ``abcd``: the word as it is."""
 
     name = "copy"
     prefix = "cpy"
@@ -221,23 +210,44 @@ class Copy(_WordSkill):
         return text
 
 
-class InverseLookup(Lookup):
-    """``inv tor mip=`` -> ``kel vas``: the lookup table read backwards (the base reads it forwards)."""
+class Flip(Reverse):
+    """``flip abcd=`` -> ``dcba``: reversal under a new prompt word (the base knows ``rev``)."""
 
-    name = "inverse"
-    prefix = "inv"
+    name = "flip"
+    prefix = "flip"
 
-    def __init__(self) -> None:
-        super().__init__(table={target: source for source, target in make_lexicon().items()})
+
+class Order(Sort):
+    """``ord dbca=`` -> ``abcd``: sorting under a new prompt word (the base knows ``sort``)."""
+
+    name = "order"
+    prefix = "ord"
+
+
+class Echo(Copy):
+    """``echo abcd=`` -> ``abcd``: copying under a new prompt word (the base knows ``cpy``)."""
+
+    name = "echo"
+    prefix = "echo"
+
+
+class Down(Descending):
+    """``down dbca=`` -> ``dcba``: sorting downwards under a new prompt word (the base knows ``dsc``)."""
+
+    name = "down"
+    prefix = "down"
 
 
 #: Names in a fixed order: builds iterate over this, so order affects rng streams.
 SKILL_NAMES: tuple[str, ...] = ("addition", "reverse", "sort", "lookup")
-#: The skills the ``lora`` scenario's adapters teach (its base is pretrained on ``SKILL_NAMES``).
-ADAPTER_SKILL_NAMES: tuple[str, ...] = ("sum", "descending", "copy", "inverse")
+#: What the ``lora`` scenario's base is pretrained on: ``SKILL_NAMES`` and two more word operations.
+LORA_BASE_SKILL_NAMES: tuple[str, ...] = SKILL_NAMES + ("copy", "descending")
+#: The skills the ``lora`` scenario's adapters teach: a new prompt word each, for a word operation
+#: of ``LORA_BASE_SKILL_NAMES`` (reverse, sort, copy, descending, in that order).
+ADAPTER_SKILL_NAMES: tuple[str, ...] = ("flip", "order", "echo", "down")
 
 _SKILL_TYPES: dict[str, type[Skill]] = {
-    cls.name: cls for cls in (Addition, Reverse, Sort, Lookup, Sum, Descending, Copy, InverseLookup)}
+    cls.name: cls for cls in (Addition, Reverse, Sort, Lookup, Descending, Copy, Flip, Order, Echo, Down)}
 
 
 def get_skill(name: str) -> Skill:
@@ -245,7 +255,7 @@ def get_skill(name: str) -> Skill:
     try:
         return _SKILL_TYPES[name]()
     except KeyError:
-        raise KeyError(f"unknown skill {name!r}; expected one of {SKILL_NAMES + ADAPTER_SKILL_NAMES}") from None
+        raise KeyError(f"unknown skill {name!r}; expected one of {LORA_BASE_SKILL_NAMES + ADAPTER_SKILL_NAMES}") from None
 
 
 def all_skills(names: tuple[str, ...] = SKILL_NAMES) -> dict[str, Skill]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-TASKS = ["sum", "descending", "copy", "inverse"]
+TASKS = ["flip", "order", "echo", "down"]
 
 
 @pytest.fixture(scope="module")
