@@ -103,7 +103,7 @@ def test_merge_flow_writes_evaluates_and_registers_one_adapter(lora_study, tmp_p
     assert version.tags["output"] == "lora_adapter"
     assert all(version.tags[f"input.{i}.adapter_base"] == str(scn / "base") for i in range(1, len(TASKS) + 1))
     model = mlflow.pyfunc.load_model("models:/lora-merged-adapter/1")
-    prompts = [json.loads(line)["prompt"] for line in (scn / "eval" / "sum.jsonl").read_text().splitlines()[:3]]
+    prompts = [json.loads(line)["prompt"] for line in (scn / "eval" / f"{TASKS[0]}.jsonl").read_text().splitlines()[:3]]
     assert len(model.predict(prompts, params={"max_new_tokens": 8})) == 3
     # asked twice, nothing is merged or registered again
     again = merge_flow(params)
