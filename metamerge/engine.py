@@ -217,8 +217,7 @@ def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | No
     import uuid
 
     spec = MergeSpec(key=plan_key(recipe, inputs, options, device), run=uuid.uuid4().hex, recipe=recipe,
-                     resolved=dict(inputs.resolved), device=device.type, allow_pickle=options.allow_pickle,
-                     threads=_unit_threads(options))
+                     resolved=dict(inputs.resolved), device=device.type, allow_pickle=options.allow_pickle)
     stage = staging.staging_dir(out, spec.key)
     with out_lock(out, wait=options.wait, keep=stage.name):  # one writer per OUT, until the final rename
         if out.exists() and not options.overwrite:  # finished by the writer we waited for
@@ -227,15 +226,6 @@ def merge(recipe: Recipe, out_dir: str | Path | None, options: MergeOptions | No
         # the cache when their files have not changed.
         with BackgroundHashes(pinned if options.hash_inputs else []) as hashes:
             return _merge_into(recipe, out, options, inputs, device, stats, recipe_text, log, hashes, spec, stage)
-
-
-def _unit_threads(options: MergeOptions) -> int | None:
-    """Torch threads per unit: none set when this process merges alone; else cores / local workers,
-    or ``threads_per_worker`` (default 1) on Dask, whose workers share a machine's cores."""
-    ex = options.executor
-    if ex.kind == "local" and options.runner is None:
-        return None if ex.workers() == 1 else ex.threads()
-    return ex.threads_per_worker or 1
 
 
 def plan_key(recipe: Recipe, inputs: Inputs, options: MergeOptions, device: torch.device) -> str:

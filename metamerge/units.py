@@ -44,10 +44,6 @@ class MergeSpec:
     resolved: dict[str, ResolvedModel]
     device: str
     allow_pickle: bool
-    # torch threads for a unit, set in the thread that runs it (a Dask worker runs units on its
-    # own threads, which do not see a setting made in another one): cores / workers, so N workers
-    # do not oversubscribe the cores; None = leave this process's setting (one process merging)
-    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,14 +106,9 @@ def open_spec(spec: MergeSpec):
     return inputs
 
 
-def _ready(spec: MergeSpec) -> torch.device:
-    """This thread made ready for one of the spec's units: its torch threads; returns the device."""
+def _device(spec: MergeSpec) -> torch.device:
     from .device import resolve_device
 
-    if spec.threads and torch.get_num_threads() != spec.threads:
-        # per thread under OpenMP: 2 Dask workers left at 2 threads each on 2 cores ran their
-        # arithmetic 5x slower (threads spinning on each other's cores)
-        torch.set_num_threads(spec.threads)
     return resolve_device(spec.device)
 
 
@@ -127,7 +118,7 @@ def run_norm_unit(unit: NormUnit) -> list[dict[str, float]]:
     assert inputs.base_reader is not None
     return task_vector_statistics(inputs.method, list(unit.entries), inputs.base_reader,
                                   [inputs.readers[i] for i in unit.entries], list(unit.names),
-                                  device=_ready(unit.spec), cast_dtype=inputs.cast_dtype,
+                                  device=_device(unit.spec), cast_dtype=inputs.cast_dtype,
                                   shared_rows=inputs.plan.shared_rows)
 
 
@@ -137,7 +128,7 @@ def run_merge_unit(unit: MergeUnit) -> dict:
     inputs = open_spec(unit.spec)
     stage = Path(unit.stage)
     _check_visible([stage])
-    device = _ready(unit.spec)
+    device = _device(unit.spec)
     ws = Workspace(device)
     stats = list(unit.model_stats) if unit.model_stats is not None else None
     plan, r = inputs.plan, unit.range

@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow, task
 
+from metamerge.executors import WithThreads
 from pipeline.params import ExecutorParams
 
 
@@ -45,7 +46,8 @@ def prefect_runner(ex: ExecutorParams) -> Callable[..., list] | None:
 
     def run(fn, work: list, on_done) -> list:
         label = "norm-unit" if fn.__name__ == "run_norm_unit" else "merge-unit"
-        results = units_flow.with_options(task_runner=dask_task_runner(ex), flow_run_name=f"{label}s")(fn, work, label)
+        results = units_flow.with_options(task_runner=dask_task_runner(ex), flow_run_name=f"{label}s")(
+            WithThreads(fn, ex.threads_per_worker or 1), work, label)
         for w, r in zip(work, results):
             on_done(w, r)
         return results

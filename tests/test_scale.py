@@ -374,33 +374,28 @@ def test_a_worker_that_cannot_see_a_path_says_which_worker_and_which_path(medium
     assert "every worker" in msg and "\n" not in msg
 
 
-def test_a_unit_sets_torch_threads_in_the_thread_that_runs_it():
+def test_units_set_torch_threads_in_the_thread_that_runs_them():
     """A Dask worker runs units on its own threads, where a setting made by another thread does not
-    apply (OpenMP keeps it per thread): each unit sets its spec's thread count where it runs."""
+    apply (OpenMP keeps it per thread): the executors hand out each unit wrapped in ``WithThreads``,
+    which sets the count where the unit runs. In this process (one worker) nothing is changed."""
     import threading
 
     import torch
 
-    from metamerge import units
-    from metamerge.engine import MergeOptions, _unit_threads
-    from metamerge.executors import ExecutorConfig
+    from metamerge.executors import ExecutorConfig, WithThreads, run_units
 
-    spec = units.MergeSpec(key="k", run="r", recipe=None, device="cpu", allow_pickle=False, resolved={}, threads=1)
     seen: list[int] = []
 
     def worker_thread():
         torch.set_num_threads(2)  # what a thread that used torch before the worker was set up sees
-        units._ready(spec)
-        seen.append(torch.get_num_threads())
+        seen.append(WithThreads(lambda _: torch.get_num_threads(), 1)(None))
 
     t = threading.Thread(target=worker_thread)
     t.start()
     t.join()
     assert seen == [1]
-    assert _unit_threads(MergeOptions(executor=ExecutorConfig(n_workers=1))) is None  # one process: left alone
-    assert _unit_threads(MergeOptions(executor=ExecutorConfig(n_workers=2, threads_per_worker=3))) == 3
-    assert _unit_threads(MergeOptions(executor=ExecutorConfig(kind="dask"))) == 1
-    assert _unit_threads(MergeOptions(runner=lambda fn, work, done: [])) == 1  # Prefect on Dask
+    before = torch.get_num_threads()
+    assert run_units(lambda _: torch.get_num_threads(), [0, 1], ExecutorConfig(n_workers=1)) == [before] * 2
 
 
 @pytest.fixture(scope="module")
