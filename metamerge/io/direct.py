@@ -131,12 +131,8 @@ class RangeWriter:
             if fd is not None:
                 os.close(fd)
         self.fd = self.dfd = None  # type: ignore[assignment]
-        if self.view is not None:
-            self.view.release()
-            self.view = None
-        if self.buf is not None:
-            self.buf.close()
-            self.buf = None
+        _free(self.view, self.buf)
+        self.view = self.buf = None
 
 
 def read_range(path: Path, lo: int, hi: int, consume, chunk: int = 16 << 20) -> None:
@@ -166,9 +162,24 @@ def read_range(path: Path, lo: int, hi: int, consume, chunk: int = 16 << 20) -> 
             lo = pos + min(n, hi - pos)
             pos = lo // BLOCK * BLOCK
     finally:
-        view.release()
-        buf.close()
+        _free(view, buf)
         os.close(dfd)
+
+
+def _free(view: memoryview | None, buf: mmap.mmap | None) -> None:
+    """Unmap a buffer now, or, where slices of it are still alive, when the last one goes.
+
+    Why: a stop (SIGTERM) or error raised inside a ``pwrite`` leaves slices of the buffer in the
+    traceback's frames while the caller cleans up; ``mmap.close`` would then raise ``BufferError``
+    and hide the real exception (a stopped merge exiting 1 instead of 143).
+    """
+    if view is not None:
+        view.release()
+    if buf is not None:
+        try:
+            buf.close()
+        except BufferError:  # exported slices: the mapping goes with its last reference
+            pass
 
 
 def _read_buffered(path: Path, lo: int, hi: int, consume, chunk: int) -> None:

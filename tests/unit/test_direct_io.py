@@ -104,3 +104,26 @@ def test_a_filesystem_that_opens_o_direct_but_refuses_it_falls_back(tmp_path, mo
     parts: list[bytes] = []
     read_range(path, 7, size, lambda piece: parts.append(bytes(piece)))
     assert b"".join(parts) == want[7:]
+
+
+def test_a_stop_inside_a_direct_write_is_the_error_the_caller_sees(tmp_path, monkeypatch):
+    """A SIGTERM arriving inside ``pwrite`` leaves slices of the writer's buffer alive in the
+    traceback while the unit cleans up: ``abort`` must not raise ``BufferError`` over the stop
+    (CI saw a stopped merge exit 1 instead of 143)."""
+    path = tmp_path / "f"
+    path.write_bytes(bytes(4 * BLOCK))
+
+    class Stop(Exception):
+        pass
+
+    def stopped(fd, data, offset):
+        raise Stop("SIGTERM")
+
+    w = RangeWriter(path, 0, 4 * BLOCK)
+    monkeypatch.setattr(os, "pwrite", stopped)
+    with pytest.raises(Stop):
+        try:
+            w.write(bytes(4 * BLOCK))  # fills the buffer to the range's end: a direct write
+        finally:
+            w.abort()  # the traceback (and its buffer slices) is alive here
+    assert w.buf is None and w.fd is None
