@@ -135,12 +135,12 @@ def run_stage(stage: str, params: Params, workdir: Path) -> None:
         _write(workdir / "scored.json", scored(params, pins))
         return
     pins = _read(workdir / "pins.json", "download")
-    tunes = fine_tunes(params)
     if stage == "task-vectors":
-        tvs = {ref: steps.task_vectors(params, pins, ref, _log) for ref in tunes} if params.recipe.base_model else {}
+        tvs = {ref: steps.task_vectors(params, pins, ref, _log) for ref in fine_tunes(params)} \
+            if params.recipe.base_model else {}
         _write(workdir / "task_vectors.json", tvs)
     elif stage == "norms":
-        sq = {ref: steps.norms(params, pins, ref, _log) for ref in tunes} if needs_norms(params) else {}
+        sq = {ref: steps.norms(params, pins, ref, _log) for ref in fine_tunes(params)} if needs_norms(params) else {}
         _write(workdir / "norms.json", sq)
     elif stage == "merge":
         sq = _read(workdir / "norms.json", "norms")

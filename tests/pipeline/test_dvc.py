@@ -59,8 +59,8 @@ def test_dvc_repro_then_nothing_then_push_pull(tiny_models, tmp_path):
     shutil.copytree(tiny_models["base"].parent, data)
     # relative references, as a user writes them: the stages run in the repository root
     rel = {k: Path("data") / Path(v).relative_to(tiny_models["base"].parent) for k, v in tiny_models.items()}
-    params = params_for(rel, Path("."), data_dir="data", scenario=None, max_shard_size="5GB",
-                        registry={"tracking_uri": "sqlite:///registry/mlflow.db", "model_name": "tiny-dvc"})
+    params = params_for(rel, Path("."), data_dir="data", scenario=None, max_shard_size="5GB", output="model",
+                        adapter_rank=None, registry={"tracking_uri": "sqlite:///registry/mlflow.db", "model_name": "tiny-dvc"})
     (repo / ".gitignore").write_text("/registry/\n")
     params["pipeline"]["output_root"] = "outputs"
     rel = {k: str(v) for k, v in rel.items()}
