@@ -8,10 +8,12 @@ a retry policy retries ``TransientSourceError`` and nothing else of this family.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
@@ -41,6 +43,35 @@ class Stopped(BaseException):
 
 def _stop(signum, frame) -> None:
     raise Stopped(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done, then act on them as usual.
+
+    Why: a worker process is started in steps (the fork server forks it, then it unpickles the
+    pool's queues); Ctrl-C or SIGTERM between those steps left a worker the pool did not know of,
+    which failed with a traceback on the user's terminal once this process had exited. Starting
+    workers takes at most the fork server's start (its ``import torch``), so a stop waits that long.
+    Signal handlers belong to the main thread: elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    signums = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        for signum in dict.fromkeys(held):
+            handler = before[signal.Signals(signum)]
+            if callable(handler):
+                handler(signum, None)   # raises Stopped or KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def disk_error(exc: OSError, path) -> MergeError:

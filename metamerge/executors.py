@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import MergeError
+from .errors import MergeError, signals_deferred
 
 
 class WorkerLost(MergeError):
@@ -132,9 +132,12 @@ def _processes(fn, units, config: ExecutorConfig) -> Iterator[tuple[int, Any]]:
     workers = min(config.workers(), len(units))
     pool = _pool(workers)
     run = WithThreads(fn, config.threads())
-    futures = {pool.submit(run, u): i for i, u in enumerate(units)}
-    pending = set(futures)
+    futures: dict = {}
     try:
+        with signals_deferred():  # a stop never lands inside a worker's start
+            for i, u in enumerate(units):
+                futures[pool.submit(run, u)] = i
+        pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for f in sorted(finished, key=futures.__getitem__):
@@ -144,7 +147,7 @@ def _processes(fn, units, config: ExecutorConfig) -> Iterator[tuple[int, Any]]:
         raise WorkerLost("a merge worker process died (killed, or out of memory); rerun the same command to "
                          "resume from the finished units") from None
     finally:
-        for f in pending:
+        for f in futures:  # those not started yet (cancelling a finished one does nothing)
             f.cancel()
 
 

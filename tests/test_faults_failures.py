@@ -59,6 +59,47 @@ def test_a_signal_stops_the_merge_with_one_line(tmp_path, sig, status, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
+def test_signals_are_held_through_the_block_then_acted_on():
+    from metamerge.errors import signals_deferred
+
+    reached = False
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # bytecode boundaries, where a Python handler would run
+                pass
+            reached = True
+    assert reached and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_stop_while_workers_start_is_one_line_and_leaves_no_stray_worker(tiny_llama_bf16, tmp_path):
+    """SIGTERM landing inside a worker's start (the merge waiting for the fork server, which may
+    still be importing torch): the stop waits for the start to finish, so no worker is left half
+    started (one used to fail with a traceback on the terminal after the merge had exited)."""
+    recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "metagpt", "base_model": str(tiny_llama_bf16.base),
+                                                "models": [{"model": m} for m in tiny_llama_bf16.refs]})
+    out = tmp_path / "out"
+    # the signal is sent from inside the start of the first worker, where the merge waits for its
+    # pid (read_signed's first call; later ones read workers' exit codes)
+    script = ("import os, signal, sys\n"
+              "import multiprocessing.forkserver as fs\n"
+              "real = fs.read_signed\n"
+              "def stopped_while_starting(fd):\n"
+              "    fs.read_signed = real\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    return real(fd)\n"
+              "fs.read_signed = stopped_while_starting\n"
+              "from metamerge.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", script, "merge", str(recipe), str(out), "--no-progress", "--device",
+                           "cpu", "--workers", "2", "--unit-size", "8KB"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip() == ("error: stopped by SIGTERM; the output was not written (rerun the same command to "
+                                   "resume)")
+    assert not out.exists()
+
+
 def test_a_write_past_the_file_size_limit_is_one_line_naming_the_file(tiny_llama_bf16, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "metagpt", "base_model": str(tiny_llama_bf16.base),
                                                 "models": [{"model": m} for m in tiny_llama_bf16.refs]})
