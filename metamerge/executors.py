@@ -110,10 +110,34 @@ def prestart(config: ExecutorConfig) -> None:
     ready when the first units are handed out instead of costing its import time then; the
     command line calls this before importing the engine itself."""
     if config.kind == "local" and config.workers() > 1:
-        from multiprocessing import forkserver
+        _start_forkserver()
 
-        _context()
+
+def _start_forkserver() -> None:
+    """Start the fork server (if it is not running) with Ctrl-C ignored, for it and its workers.
+
+    Why: Ctrl-C in a terminal sends SIGINT to every process of the command, not only to this one.
+    This process stops the merge (one line, status 130) and shuts its workers down; workers that
+    took the KeyboardInterrupt themselves died mid-unit, and the pool's exit could then wait on a
+    survivor for ever, and a fork server still importing torch printed a traceback. An ignored
+    signal stays ignored across ``exec`` (Python leaves an inherited SIG_IGN for SIGINT alone), and
+    the fork server hands its own setting on to the workers it forks. A Ctrl-C in the millisecond
+    the server takes to spawn is lost (press it again). Off the main thread (a Prefect task runner)
+    the signal is not this code's to change: the server is started as it is.
+    """
+    import signal
+    import threading
+    from multiprocessing import forkserver
+
+    _context()
+    if threading.current_thread() is not threading.main_thread():
         forkserver.ensure_running()
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
@@ -130,6 +154,7 @@ def _processes(fn, units, config: ExecutorConfig) -> Iterator[tuple[int, Any]]:
     from concurrent.futures.process import BrokenProcessPool
 
     workers = min(config.workers(), len(units))
+    _start_forkserver()  # (running already, unless this is the first pool or the server died)
     pool = _pool(workers)
     run = WithThreads(fn, config.threads())
     futures: dict = {}
@@ -146,9 +171,16 @@ def _processes(fn, units, config: ExecutorConfig) -> Iterator[tuple[int, Any]]:
         _POOLS.pop(workers, None)
         raise WorkerLost("a merge worker process died (killed, or out of memory); rerun the same command to "
                          "resume from the finished units") from None
-    finally:
-        for f in futures:  # those not started yet (cancelling a finished one does nothing)
-            f.cancel()
+    except BaseException:
+        # An error in a unit, a stop: the units not started are dropped, those running finish (so
+        # that none writes into a staging directory the caller is about to remove or keep), and
+        # the pool is retired. The pool cancels them itself (cancel_futures), in the thread that
+        # also handles a worker's death: futures cancelled from here raced that thread, which then
+        # failed with InvalidStateError and a traceback (workers killed with the process group).
+        if _POOLS.get(workers) is pool:
+            del _POOLS[workers]
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
 
 
 def _dask(fn, units, config: ExecutorConfig) -> Iterator[tuple[int, Any]]:

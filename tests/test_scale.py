@@ -232,6 +232,42 @@ def _kill_after(proc: subprocess.Popen, tmp_path: Path, records: int, sig: int) 
     return done
 
 
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["Ctrl-C", "SIGTERM"])
+def test_a_signal_to_the_whole_process_group_stops_workers_and_merge_as_one(sig, status, medium, tmp_path):
+    """Ctrl-C in a terminal (or a service manager's SIGTERM) reaches the workers and the fork
+    server too, not only the merge: the merge still ends with its one line and status, no worker
+    prints a traceback, nothing hangs, no process of the command is left, and the rerun resumes."""
+    reference = tmp_path / "ref"
+    one_worker(metagpt(medium), reference)
+    recipe = write_recipe(tmp_path / "r.yaml", metagpt(medium))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "metamerge.cli", "merge", str(recipe), str(out), "--no-progress",
+                             "--workers", "2", "--unit-size", "8KB"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            start_new_session=True)  # its own process group, as a terminal's job is
+    deadline = time.monotonic() + 300  # a guard against hanging, not a timing assertion
+    while time.monotonic() < deadline and proc.poll() is None:
+        if sum(1 for s in tmp_path.glob(".out.stage-*") for _ in (s / "units").glob("*.json")) >= 3:
+            os.killpg(proc.pid, sig)
+            break
+        time.sleep(0.002)
+    _, err = proc.communicate(timeout=120)
+    name = "SIGINT" if sig == signal.SIGINT else "SIGTERM"
+    assert proc.returncode == status, err
+    assert err.strip() == f"error: stopped by {name}; the output was not written (rerun the same command to resume)"
+    left = []
+    for _ in range(100):  # the fork server and resource tracker see this process gone and exit
+        left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, f"processes of the stopped merge still running: {left}"
+    rerun = _cli(recipe, out)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0 and "resuming: " in err, err
+    assert files(out) == files(reference)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_mid_merge_then_the_rerun_resumes_to_identical_bytes(sig, medium, tmp_path):
     reference = tmp_path / "ref"
