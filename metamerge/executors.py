@@ -122,7 +122,7 @@ def _start_forkserver() -> None:
     survivor for ever, and a fork server still importing torch printed a traceback. An ignored
     signal stays ignored across ``exec`` (Python leaves an inherited SIG_IGN for SIGINT alone), and
     the fork server hands its own setting on to the workers it forks. A Ctrl-C in the millisecond
-    the server takes to spawn is lost (press it again). Off the main thread (a Prefect task runner)
+    the server takes to spawn is lost (press it again). Off the main thread (a caller's task thread)
     the signal is not this code's to change: the server is started as it is.
     """
     import signal
