@@ -185,10 +185,14 @@ def pinned_revision(pin: dict) -> str:
 
 def eval_key(params: Params, revision: str, device: str | None = None) -> str:
     """A model's scores: its content, the eval sets' content, the settings, the device, the code."""
-    sets = {t: sha256_file(Path(p)) for t, p in params.pipeline.eval_sets.items()}
-    return "eval-" + digest({"model": revision, "sets": sets,
+    return "eval-" + digest({"model": revision, "sets": eval_set_hashes(params),
                              "settings": params.pipeline.eval.model_dump(exclude={"lm_eval"}),
                              "device": device or device_type(params), "code": code_version("evaluate")})
+
+
+def eval_set_hashes(params: Params) -> dict[str, str]:
+    """``{task: sha256}`` of the eval sets: the content every score depends on."""
+    return {t: sha256_file(Path(p)) for t, p in params.pipeline.eval_sets.items()}
 
 
 def benchmark_key(params: Params, revision: str) -> str:

@@ -41,7 +41,7 @@ from metamerge.errors import InputError, run_cli
 from metamerge.progress import report_to
 
 from . import reports, steps
-from .keys import digest, fine_tunes, input_refs, needs_norms
+from .keys import digest, eval_set_hashes, fine_tunes, input_refs, needs_norms
 from .params import Params, load_params
 from .registry_bridge import register
 from .store import read_json
@@ -94,11 +94,9 @@ def scored(params: Params, pins: dict[str, dict]) -> dict:
     """What scoring the base and the experts depends on, beside the eval settings: those models
     pinned (portable) and the eval sets' content. Its own file, so that a new fine-tune (a new
     ``pins.json``) does not rerun their evaluation."""
-    from metamerge.refs import sha256_file
-
     models = {name: portable_pin(pins[ref]) for name, ref in steps.models_to_score(params, pins).items()}
     return {"models": {name: {"path": pin["path"], "revision": pin["revision"]} for name, pin in models.items()},
-            "eval_sets": {t: sha256_file(Path(p)) for t, p in params.pipeline.eval_sets.items()}}
+            "eval_sets": eval_set_hashes(params)}
 
 
 def build_data(params: Params) -> None:

@@ -36,10 +36,12 @@ class Recorder:
 
     def __init__(self, params):
         self.reads: set[str] = set()
-        self.prefix: dict[int, str] = {}
+        self.prefix: dict[int, str] = {}   # each params model object: its key prefix
+        self.classes: set[type] = set()    # their classes, whose attribute reads are recorded
 
         def walk(obj, prefix):
             self.prefix[id(obj)] = prefix
+            self.classes.add(type(obj))
             for name in type(obj).model_fields:
                 value = object.__getattribute__(obj, name)
                 if hasattr(type(value), "model_fields"):
@@ -52,15 +54,6 @@ class Recorder:
         from pipeline.params import Params
 
         recorder = self
-        classes = {type(self.params.pipeline)}
-        todo = [self.params.pipeline]
-        while todo:
-            obj = todo.pop()
-            for name in type(obj).model_fields:
-                value = object.__getattribute__(obj, name)
-                if hasattr(type(value), "model_fields"):
-                    classes.add(type(value))
-                    todo.append(value)
 
         def getattribute(obj, name):
             value = object.__getattribute__(obj, name)
@@ -76,7 +69,7 @@ class Recorder:
                     return dump
             return value
 
-        for cls in classes:
+        for cls in self.classes:
             monkeypatch.setattr(cls, "__getattribute__", getattribute, raising=False)
 
         def params_getattribute(obj, name):
